@@ -1,0 +1,5 @@
+//! `usernsguard`: node agent, controller and operator CLI.
+
+fn main() {
+    println!("usernsguard");
+}

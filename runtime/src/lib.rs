@@ -1,0 +1,14 @@
+//! Everything usernsguard does on a node without talking to Kubernetes: discovering OCI
+//! runtimes, running user-namespace probe containers through them, the self-test matrix
+//! and its verdicts, node facts, and classifying pod failure messages.
+//!
+//! The crate has no kube dependency so that `usernsguard selftest` on a plain containerd
+//! host and the in-cluster agent run exactly the same code.
+
+pub mod facts;
+pub mod reason;
+pub mod report;
+
+pub use facts::{NodeFacts, SelinuxFacts, SelinuxMode};
+pub use reason::Reason;
+pub use report::{Check, CheckOutcome, CheckResult, HandlerReport, SelfTestReport, Verdict};
