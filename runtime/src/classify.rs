@@ -64,6 +64,8 @@ enum Fact {
     Subid,
     /// A statement that ids ran out.
     IdsExhausted,
+    /// "is out of range": about ids only next to a user-namespace mention.
+    OutOfRange,
     /// An SELinux AVC denial record.
     Avc,
     Selinux,
@@ -139,12 +141,12 @@ const PHRASES: &[Phrase] = &[
     p("mount proc", Fact::ProcMount),
     p("mount -t proc", Fact::ProcMount),
     p("proc to /proc", Fact::ProcMount),
-    w("procfs", Fact::ProcMount),
     w("idmap", Fact::Idmap),
     p("id-mapped", Fact::Idmap),
     p("id mapped", Fact::Idmap),
     p("mount_attr_idmap", Fact::Idmap),
     p("create mapped mount", Fact::Idmap),
+    p("cannot be mapped to a host id", Fact::Idmap),
     p("mount_setattr", Fact::MountSetattr),
     p("mount_attr_rdonly", Fact::RecursiveRo),
     w("rro", Fact::RecursiveRo),
@@ -175,8 +177,10 @@ const PHRASES: &[Phrase] = &[
     p("newuidmap", Fact::Subid),
     p("newgidmap", Fact::Subid),
     p("unused ids", Fact::Subid),
+    p("enough available ids", Fact::Subid),
     p("slot to allocate a user namespace", Fact::IdsExhausted),
     p("assigned ids are not enough", Fact::IdsExhausted),
+    p("is out of range", Fact::OutOfRange),
     p("avc: denied", Fact::Avc),
     p("avc:denied", Fact::Avc),
     p("type=avc", Fact::Avc),
@@ -287,7 +291,8 @@ fn decide(set: u64) -> Reason {
     if idmap {
         return Reason::IdmapUnsupported;
     }
-    if has(Fact::Subid) || has(Fact::IdsExhausted) {
+    // The kubelet's id pool (or /etc/subuid behind it) cannot give the pod a range.
+    if has(Fact::Subid) || has(Fact::IdsExhausted) || (has(Fact::Userns) && has(Fact::OutOfRange)) {
         return Reason::SubidUnavailable;
     }
     if has(Fact::Userns) && has(Fact::Unsupported) {
@@ -375,6 +380,19 @@ mod tests {
         let thread_self = r#"error mounting "mqueue" to rootfs at "/dev/mqueue": setxattr /proc/thread-self/fd/7: operation not permitted"#;
         assert_eq!(classify(rootfs), Reason::MqueueSetxattr);
         assert_eq!(classify(thread_self), Reason::MqueueSetxattr);
+    }
+
+    #[test]
+    fn runc_mounting_through_procfs_is_not_a_procfs_mount() {
+        // runc names its mount helper "mount through procfs" for every mount type.
+        let devpts = r#"mounting "devpts" to rootfs at "/dev/pts" caused: mount through procfs: operation not permitted"#;
+        assert_eq!(classify(devpts), Reason::Unrelated);
+    }
+
+    #[test]
+    fn recursive_read_only_mount_setattr_is_not_an_idmap_failure() {
+        let rro = "failed to set MOUNT_ATTR_RDONLY with mount_setattr: invalid argument";
+        assert_eq!(classify(rro), Reason::Unrelated);
     }
 
     #[test]
