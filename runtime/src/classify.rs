@@ -211,50 +211,64 @@ pub fn classify(message: &str) -> Reason {
 /// Classifies one failure message given as raw bytes, for input that need not be UTF-8
 /// (a runtime's stderr, a line of `kubectl` output cut mid-character).
 pub fn classify_bytes(line: &[u8]) -> Reason {
-    decide(facts(&normalise(line)))
+    // Typical messages are a few hundred bytes: normalise them on the stack so the hot
+    // path does no allocation; only long lines pay for a heap buffer.
+    let mut stack = [0u8; STACK_BUF];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if line.len() <= STACK_BUF {
+        &mut stack[..line.len()]
+    } else {
+        heap.resize(line.len(), 0);
+        &mut heap
+    };
+    let len = normalise_into(line, buf);
+    decide(facts(&buf[..len]))
 }
 
-/// What each input byte becomes in the normalised text.
-#[derive(Clone, Copy)]
-enum Norm {
-    Keep(u8),
-    Drop,
-    Space,
-}
+const STACK_BUF: usize = 2048;
 
-static NORM: [Norm; 256] = {
-    let mut table = [Norm::Drop; 256];
+/// What each input byte becomes in the normalised text: 0 drops it (quoting, and NUL,
+/// which no phrase contains), whitespace becomes a space, ASCII letters lose their case.
+static NORM: [u8; 256] = {
+    let mut table = [0u8; 256];
     let mut b = 0usize;
     while b < 256 {
         let byte = b as u8;
         table[b] = match byte {
-            b'"' | b'\'' | b'`' | b'\\' => Norm::Drop,
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => Norm::Space,
-            _ => Norm::Keep(byte.to_ascii_lowercase()),
+            b'"' | b'\'' | b'`' | b'\\' | 0 => 0,
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => b' ',
+            _ => byte.to_ascii_lowercase(),
         };
         b += 1;
     }
     table
 };
 
-fn normalise(line: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(line.len());
-    let mut last_space = true;
+/// Writes the normalised form of `line` into `out` (at least as long as `line`) and
+/// returns its length. Branch-free per byte: every byte is stored, and the write cursor
+/// only advances past bytes that are kept, so runs of whitespace collapse to one space.
+fn normalise_into(line: &[u8], out: &mut [u8]) -> usize {
+    debug_assert!(out.len() >= line.len());
+    let mut len = 0usize;
+    let mut prev = b' ';
     for &byte in line {
-        match NORM[byte as usize] {
-            Norm::Keep(b) => {
-                out.push(b);
-                last_space = false;
-            }
-            Norm::Space => {
-                if !last_space {
-                    out.push(b' ');
-                    last_space = true;
-                }
-            }
-            Norm::Drop => {}
+        let mapped = NORM[byte as usize];
+        // In bounds: `len` never exceeds the number of bytes read so far.
+        out[len] = mapped;
+        let keep = (mapped != 0) & !((mapped == b' ') & (prev == b' '));
+        len += usize::from(keep);
+        if keep {
+            prev = mapped;
         }
     }
+    len
+}
+
+#[cfg(test)]
+fn normalise(line: &[u8]) -> Vec<u8> {
+    let mut out = vec![0; line.len()];
+    let len = normalise_into(line, &mut out);
+    out.truncate(len);
     out
 }
 
