@@ -322,7 +322,11 @@ fn decide(set: u64) -> Reason {
     if has(Fact::ProcMount) && eperm {
         return Reason::ProcMountEperm;
     }
-    if has(Fact::Avc) || (has(Fact::Selinux) && has(Fact::Userns) && denied) {
+    // An SELinux denial counts only when the text ties it to user namespaces (AVCs on
+    // tclass=user_namespace / cap_userns, or naming mqueue or idmapped mounts); any other
+    // AVC is an ordinary policy problem of the pod, like a plain "permission denied".
+    let userns_context = has(Fact::Userns) || has(Fact::Mqueue) || idmap;
+    if (has(Fact::Avc) || (has(Fact::Selinux) && denied)) && userns_context {
         return Reason::SelinuxDenied;
     }
     // A fresh mqueue mount fails when the IPC namespace is not owned by the container's
@@ -407,6 +411,14 @@ mod tests {
     fn recursive_read_only_mount_setattr_is_not_an_idmap_failure() {
         let rro = "failed to set MOUNT_ATTR_RDONLY with mount_setattr: invalid argument";
         assert_eq!(classify(rro), Reason::Unrelated);
+    }
+
+    #[test]
+    fn selinux_denials_count_only_with_a_user_namespace_context() {
+        let keyring = "type=AVC msg=audit(1555611120.741:866): avc:  denied  { create } for  pid=10790 comm=\"runc:[2:INIT]\" tclass=key permissive=0";
+        assert_eq!(classify(keyring), Reason::Unrelated);
+        let userns = "type=AVC msg=audit(1.2:3): avc:  denied  { create } for  pid=1 comm=\"exe\" tclass=user_namespace permissive=0";
+        assert_eq!(classify(userns), Reason::SelinuxDenied);
     }
 
     #[test]
