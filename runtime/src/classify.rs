@@ -421,6 +421,25 @@ mod tests {
         assert_eq!(classify(userns), Reason::SelinuxDenied);
     }
 
+    /// Neither reason has a runtime error message of its own (the runtime succeeds and the
+    /// container is wrong), so they come from probe observations worded like these.
+    #[test]
+    fn probe_observations_of_silent_failures() {
+        assert_eq!(
+            classify("/dev/mqueue is owned by uid 65534 (the overflow uid), expected 0"),
+            Reason::MqueueOwnerUnmapped
+        );
+        assert_eq!(
+            classify("idmap mount option silently ignored: /mnt/probe shows host owner 1000"),
+            Reason::IdmapIgnored
+        );
+        // The overflow uid on its own is not about mqueue.
+        assert_eq!(
+            classify("chown 65534:65534 /data: operation not permitted"),
+            Reason::Unrelated
+        );
+    }
+
     #[test]
     fn plain_permission_denied_is_unrelated() {
         assert_eq!(classify("open /data/x: permission denied"), Reason::Unrelated);
