@@ -13,13 +13,16 @@ No apiserver is available to CI, so this does what `kubectl apply` against one w
    validation), schema defaults applied, the OpenAPI schema checked with `jsonschema`, and
    each `x-kubernetes-validations` CEL rule evaluated with `cel-python` at its place in the
    object, as the apiserver does on create.
+   Each is also re-applied unchanged as an update, which every transition rule (those
+   using `oldSelf`) must accept.
 3. Every `examples/invalid/*.yaml` must be rejected, and for the reason its
    `# expect-error: <text>` header names, so a broken example cannot pass by failing
-   somewhere else.
+   somewhere else. A file with two documents is an update: the first is the stored
+   object (which must be valid), the second the new one, and transition rules run with
+   `oldSelf` correlated as the apiserver does (field names, map keys, list-map keys).
 
-Transition rules (those using `oldSelf`) only run on update; they are parsed and
-type-checked here but not evaluated. CEL cost estimation is the apiserver's own and is
-not reproduced.
+Not reproduced: the apiserver's CEL cost estimation, and CEL functions beyond the CEL
+standard library (Kubernetes' extension libraries); the rules here use neither.
 
 Exit status 0 when everything holds, 1 otherwise. Run from anywhere:
     python3 tests/validate_crds.py
@@ -310,23 +313,34 @@ def apply_defaults(schema: dict, value: Any) -> Any:
     return value
 
 
-def cel_errors(env: celpy.Environment, schema: dict, value: Any, path: str,
+ABSENT = object()  # no old value at this place: transition rules are not evaluated
+
+
+def cel_errors(env: celpy.Environment, schema: dict, value: Any, old: Any, path: str,
                covered: set[tuple[str, str]]) -> Iterator[str]:
-    """Evaluate each non-transition rule where its schema node applies to the value."""
+    """Evaluate each rule where its schema node applies to the value.
+
+    `old` is the stored object's value at the same place on update (correlated by field
+    name, map key and list-map keys, as the apiserver does), or ABSENT: then rules using
+    `oldSelf` are skipped, like on create.
+    """
     for rule in schema.get("x-kubernetes-validations", []):
         text = rule["rule"]
+        activation = {"self": celpy.json_to_cel(value)}
         if is_transition_rule(text):
-            continue
+            if old is ABSENT:
+                continue
+            activation["oldSelf"] = celpy.json_to_cel(old)
         where = path
         if "fieldPath" in rule:
             where = join(path, rule["fieldPath"].lstrip("."))
         try:
-            result = cel_program(env, text).evaluate({"self": celpy.json_to_cel(value)})
+            result = cel_program(env, text).evaluate(activation)
         except Exception as e:  # evaluation errors reject the object, as on the apiserver
             covered.add((path_pattern(path), text))
             yield f"{where}: CEL rule {text!r} failed to evaluate: {short(e)}"
             continue
-        if isinstance(result, Exception) or result is not True and result != celpy.celtypes.BoolType(True):
+        if result != celpy.celtypes.BoolType(True):
             covered.add((path_pattern(path), text))
             yield f"{where}: {rule.get('message', 'failed rule: ' + text)} (rule: {text})"
     if isinstance(value, dict) and schema.get("type") == "object":
@@ -334,11 +348,19 @@ def cel_errors(env: celpy.Environment, schema: dict, value: Any, path: str,
         extra = schema.get("additionalProperties")
         for key, sub in value.items():
             sub_schema = props.get(key, extra if isinstance(extra, dict) else None)
+            old_sub = old.get(key, ABSENT) if isinstance(old, dict) else ABSENT
             if sub_schema is not None:
-                yield from cel_errors(env, sub_schema, sub, join(path, key), covered)
+                yield from cel_errors(env, sub_schema, sub, old_sub, join(path, key), covered)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        old_items = {}
+        if schema.get("x-kubernetes-list-type") == "map" and isinstance(old, list):
+            old_items = {tuple(o.get(k) for k in keys): o for o in old if isinstance(o, dict)}
         for i, sub in enumerate(value):
-            yield from cel_errors(env, schema["items"], sub, join(path, i), covered)
+            old_sub = ABSENT
+            if old_items and isinstance(sub, dict):
+                old_sub = old_items.get(tuple(sub.get(k) for k in keys), ABSENT)
+            yield from cel_errors(env, schema["items"], sub, old_sub, join(path, i), covered)
 
 
 def is_transition_rule(rule: str) -> bool:
@@ -366,7 +388,8 @@ def path_pattern(path: str) -> str:
 
 
 def object_errors(obj: dict, crds: dict, env: celpy.Environment,
-                  covered: set[tuple[str, str]]) -> list[str]:
+                  covered: set[tuple[str, str]], old: dict | None = None) -> list[str]:
+    """Why the apiserver would refuse `obj`: on create, or on update of `old` if given."""
     api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
     found = crds.get((api_version, kind))
     if found is None:
@@ -380,19 +403,32 @@ def object_errors(obj: dict, crds: dict, env: celpy.Environment,
     if crd["spec"]["scope"] == "Cluster" and "namespace" in meta:
         errors.append("metadata.namespace: not allowed on a cluster-scoped kind")
 
-    body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
-    errors += list(unknown_fields(schema, body, "<root>"))
-    body = apply_defaults(schema, copy.deepcopy(body))
+    errors += list(unknown_fields(schema, strip_meta(obj), "<root>"))
+    body = defaulted_body(schema, obj)
     for e in sorted(validator_for(schema).iter_errors(body), key=lambda e: list(e.absolute_path)):
         where = "<root>"
         for part in e.absolute_path:
             where = join(where, part)
         errors.append(f"{where}: {e.message}")
-    # Root rules see metadata.name and metadata.generateName only.
-    cel_self = dict(body, apiVersion=api_version, kind=kind,
-                    metadata={k: meta[k] for k in ("name", "generateName") if k in meta})
-    errors += list(cel_errors(env, schema, cel_self, "<root>", covered))
+    old_view = ABSENT if old is None else cel_view(old, defaulted_body(schema, old))
+    errors += list(cel_errors(env, schema, cel_view(obj, body), old_view, "<root>", covered))
     return errors
+
+
+def strip_meta(obj: dict) -> dict:
+    """The part of an object the CRD schema describes (metadata is validated separately)."""
+    return {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+
+
+def defaulted_body(schema: dict, obj: dict) -> dict:
+    return apply_defaults(schema, copy.deepcopy(strip_meta(obj)))
+
+
+def cel_view(obj: dict, body: dict) -> dict:
+    """What root-level rules see: the defaulted body plus metadata.name/generateName only."""
+    meta = obj.get("metadata") or {}
+    return dict(body, apiVersion=obj.get("apiVersion"), kind=obj.get("kind"),
+                metadata={k: meta[k] for k in ("name", "generateName") if k in meta})
 
 
 def main() -> int:
@@ -423,7 +459,9 @@ def main() -> int:
 
     for path in valid:
         for obj in load_docs(path):
+            # Create, then re-apply unchanged: transition rules must accept a no-op update.
             errors = object_errors(obj, crds, env, set())
+            errors += [f"(unchanged update) {e}" for e in object_errors(obj, crds, env, set(), old=obj)]
             rel = path.relative_to(args.root)
             if errors:
                 report.fail(f"{rel}: valid example rejected:\n       " + "\n       ".join(errors))
@@ -437,7 +475,21 @@ def main() -> int:
             report.fail(f"{rel}: needs a '# expect-error: <text>' header")
             continue
         expected = expect.group(1).strip()
-        errors = [e for obj in load_docs(path) for e in object_errors(obj, crds, env, covered)]
+        docs = load_docs(path)
+        if len(docs) == 2:
+            # An update: the first document is the stored object and must itself be valid.
+            stored, obj = docs
+            stored_errors = object_errors(stored, crds, env, set())
+            if stored_errors:
+                report.fail(f"{rel}: the stored object (first document) is itself invalid:\n       "
+                            + "\n       ".join(stored_errors))
+                continue
+            errors = object_errors(obj, crds, env, covered, old=stored)
+        elif len(docs) == 1:
+            errors = object_errors(docs[0], crds, env, covered)
+        else:
+            report.fail(f"{rel}: expected one object (create) or two (stored, update)")
+            continue
         if not errors:
             report.fail(f"{rel}: invalid example accepted (expected: {expected})")
         elif not any(expected in e for e in errors):
@@ -446,14 +498,13 @@ def main() -> int:
         else:
             report.ok(f"{rel}: rejected: {next(e for e in errors if expected in e)}")
 
-    # Every creation-time CEL rule should be shown to bite by some invalid example.
+    # Every CEL rule must be shown to bite by some invalid example, so a rule that can never
+    # fail (a typo, a wrong field) does not go unnoticed.
     for (crd, schema) in {id(c): (c, s) for c, s in crds.values()}.values():
         for path, node in schema_nodes(schema):
             for rule in node.get("x-kubernetes-validations", []):
-                if is_transition_rule(rule["rule"]):
-                    continue
                 if (path, rule["rule"]) not in covered:
-                    report.warn(f"{crd['spec']['names']['kind']} {path}: no invalid example "
+                    report.fail(f"{crd['spec']['names']['kind']} {path}: no invalid example "
                                 f"violates CEL rule {rule['rule']!r}")
 
     print(f"\n{len(report.failures)} failure(s), {len(report.warnings)} warning(s)")
