@@ -79,8 +79,15 @@ class Report:
 
 
 def load_docs(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
+    try:
+        with path.open() as f:
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        sys.exit(f"FAIL {path}: cannot read YAML: {e}")
+    for d in docs:
+        if not isinstance(d, dict):
+            sys.exit(f"FAIL {path}: expected a mapping per YAML document, got {type(d).__name__}")
+    return docs
 
 
 def join(path: str, key: str | int) -> str:
