@@ -8,6 +8,8 @@
 //! to Kubernetes build their own tokio runtime.
 
 mod classify_cmd;
+mod crd;
+mod crdgen;
 mod selftest_cmd;
 
 use std::process::ExitCode;
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
     Selftest(selftest_cmd::SelftestArgs),
+    /// Print the CustomResourceDefinitions as YAML (or write one file per kind).
+    Crds(crdgen::CrdsArgs),
     /// Read pod failure messages from stdin, one per line, and print one reason code per line.
     Classify(classify_cmd::ClassifyArgs),
     /// Runs inside a probe container and reports what it sees (internal).
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Command::ProbePayload { args } => exit(usernsguard_runtime::probe::payload::main(&args)),
         Command::Selftest(args) => selftest_cmd::run(args),
         Command::Classify(args) => report(classify_cmd::run(&args)),
+        Command::Crds(args) => report(crdgen::run(&args, &mut std::io::stdout().lock())),
     }
 }
 
