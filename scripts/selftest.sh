@@ -3,6 +3,7 @@
 # self-test against them. Extra arguments go to `usernsguard selftest` (e.g. --output json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 scripts/install-deps.sh selftest
 cargo build --release -q -p usernsguard-agent
 exec target/release/usernsguard selftest "$@"
