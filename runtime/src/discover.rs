@@ -72,6 +72,13 @@ pub enum DiscoverError {
     Process(#[from] ProcessError),
 }
 
+impl DiscoverError {
+    /// The runtime did not answer in time: reported as the `timeout` reason.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DiscoverError::Process(ProcessError::Timeout { .. }))
+    }
+}
+
 /// The runtime family, which decides how it has to be invoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeKind {

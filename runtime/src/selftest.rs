@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bundle::{self, Payload};
-use crate::discover::{self, DiscoverError, RuntimeHandler};
+use crate::discover::{self, RuntimeHandler};
 use crate::facts::{HostPaths, NodeFacts, SelinuxFacts};
 use crate::probe::{self, runner::RuntimeCommand, ProbeEnv};
-use crate::process::ProcessError;
 use crate::reason::Reason;
 use crate::report::{Check, CheckResult, ClaimedFeatures, HandlerReport, SelfTestReport, Verdict};
 use crate::userns::IdMapping;
@@ -139,8 +138,7 @@ fn test_handler(
     let version = match discover::version(&handler.binary, config.timeout) {
         Ok(v) => v,
         Err(e) => {
-            let reason =
-                matches!(e, DiscoverError::Process(ProcessError::Timeout { .. })).then_some(Reason::Timeout);
+            let reason = e.is_timeout().then_some(Reason::Timeout);
             let message = format!("runtime handler {:?}: {e}", handler.name);
             report.checks = checks
                 .iter()
@@ -229,8 +227,7 @@ fn test_handler(
                 probe::evaluate_features(&report.features, &results, &label)
             }
             Err(e) => {
-                let reason = matches!(e, DiscoverError::Process(ProcessError::Timeout { .. }))
-                    .then_some(Reason::Timeout);
+                let reason = e.is_timeout().then_some(Reason::Timeout);
                 CheckResult::error(Check::Features, reason, e.to_string())
             }
         };
