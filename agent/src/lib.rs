@@ -5,3 +5,6 @@ pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod watch;
+
+#[cfg(test)]
+mod fixtures;

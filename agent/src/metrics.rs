@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use usernsguard_runtime::{CheckOutcome, Reason, SelfTestReport};
 
@@ -60,8 +59,7 @@ impl RestartResult {
 
 /// Self-test durations range from a few hundred milliseconds (crun, warm cache) to the probe
 /// timeout; buckets cover 0.1 s .. ~100 s.
-const SELFTEST_DURATION_BUCKETS: [f64; 11] =
-    [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+const SELFTEST_DURATION_BUCKETS: [f64; 11] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
 /// All usernsguard metrics behind one registry. Cheap to clone (shared handles).
 #[derive(Clone, Debug)]
@@ -177,9 +175,7 @@ impl Metrics {
         registry.register(Box::new(node_info.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
 
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
         Ok(Metrics {
             registry,
@@ -241,16 +237,10 @@ impl Metrics {
 
         self.node_info.reset();
         self.node_info
-            .with_label_values(&[
-                report.node.kernel.as_str(),
-                report.node.selinux.mode.as_str(),
-            ])
+            .with_label_values(&[report.node.kernel.as_str(), report.node.selinux.mode.as_str()])
             .set(1);
 
-        let mut seen = self
-            .runtime_info_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.runtime_info_seen.lock().unwrap_or_else(|e| e.into_inner());
         for h in &report.handlers {
             let handler = h.handler.as_str();
             for c in &h.checks {
@@ -275,9 +265,7 @@ impl Metrics {
             self.selftest_duration
                 .with_label_values(&[handler])
                 .observe(duration);
-            self.selftest_last_run
-                .with_label_values(&[handler])
-                .set(finished);
+            self.selftest_last_run.with_label_values(&[handler]).set(finished);
 
             let info = (h.runtime.clone(), h.version.clone());
             if let Some(old) = seen.get(handler).filter(|old| **old != info) {
@@ -404,10 +392,32 @@ pub(crate) mod tests {
         }
     }
 
-    fn line_value(text: &str, prefix: &str) -> Option<String> {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    /// Value of the sample `name{labels}` in a text exposition, matching the label set
+    /// exactly and in any order.
+    pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<String> {
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        want.sort();
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = rest
+                .trim_end_matches('}')
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once("=\"").unwrap();
+                    (k.to_owned(), v.trim_end_matches('"').to_owned())
+                })
+                .collect();
+            got.sort();
+            (got == want).then(|| value.to_owned())
+        })
     }
 
     #[test]
@@ -415,17 +425,43 @@ pub(crate) mod tests {
         let m = Metrics::new("node-a").unwrap();
         m.observe_selftest(&sample_report());
         let text = m.render();
-        let v = |p: &str| line_value(&text, p);
         assert_eq!(
-            v(r#"usernsguard_selftest_check_passed{check="userns-joined",node="node-a",runtime_handler="runc"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
             Some("0")
         );
         assert_eq!(
-            v(r#"usernsguard_selftest_check_passed{check="userns-joined",node="node-a",runtime_handler="crun"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "crun")
+                ]
+            )
+            .as_deref(),
             Some("1")
         );
         assert_eq!(
-            v(r#"usernsguard_selftest_check_passed{check="features",node="node-a",runtime_handler="runc"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "features"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
             Some("0"),
             "Error reads as not passed"
         );
@@ -434,29 +470,71 @@ pub(crate) mod tests {
             "skipped checks export no series:\n{text}"
         );
         assert_eq!(
-            v(r#"usernsguard_selftest_duration_seconds_sum{node="node-a",runtime_handler="runc"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_selftest_duration_seconds_sum",
+                &[("node", "node-a"), ("runtime_handler", "runc")]
+            )
+            .as_deref(),
             Some("1.25")
         );
         assert_eq!(
-            v(r#"usernsguard_selftest_last_run_timestamp_seconds{node="node-a",runtime_handler="crun"}"#),
+            sample(
+                &text,
+                "usernsguard_selftest_last_run_timestamp_seconds",
+                &[("node", "node-a"), ("runtime_handler", "crun")]
+            ),
             Some("1795921202".into()),
             "2026-11-29T03:00:00Z + 2 s"
         );
         assert_eq!(
-            v(r#"usernsguard_node_info{kernel="6.1.0-28-amd64",node="node-a",selinux_mode="enforcing"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_node_info",
+                &[
+                    ("kernel", "6.1.0-28-amd64"),
+                    ("node", "node-a"),
+                    ("selinux_mode", "enforcing")
+                ]
+            )
+            .as_deref(),
             Some("1")
         );
         assert_eq!(
-            v(r#"usernsguard_runtime_info{node="node-a",runtime="runc",runtime_handler="runc",version="1.1.5"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_runtime_info",
+                &[
+                    ("node", "node-a"),
+                    ("runtime", "runc"),
+                    ("runtime_handler", "runc"),
+                    ("version", "1.1.5")
+                ]
+            )
+            .as_deref(),
             Some("1")
         );
-        assert!(text.contains(&format!(
-            r#"usernsguard_build_info{{node="node-a",version="{}"}} 1"#,
-            env!("CARGO_PKG_VERSION")
-        )));
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_build_info",
+                &[("node", "node-a"), ("version", env!("CARGO_PKG_VERSION"))]
+            )
+            .as_deref(),
+            Some("1")
+        );
         // The handler's failure counters exist at 0 for every userns reason, never `unrelated`.
         assert_eq!(
-            v(r#"usernsguard_pod_userns_failures_total{node="node-a",reason="mqueue_setxattr",runtime_handler="runc"}"#).as_deref(),
+            sample(
+                &text,
+                "usernsguard_pod_userns_failures_total",
+                &[
+                    ("node", "node-a"),
+                    ("reason", "mqueue_setxattr"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
             Some("0")
         );
         assert!(!text.contains(r#"reason="unrelated""#));
@@ -474,13 +552,41 @@ pub(crate) mod tests {
         let text = m.render();
         assert!(!text.contains(r#"version="1.1.5""#), "{text}");
         assert!(text.contains(r#"version="1.2.1""#));
-        assert!(!text.contains(
-            r#"usernsguard_selftest_check_passed{check="userns-joined",node="n",runtime_handler="crun"}"#
-        ));
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "n"),
+                    ("runtime_handler", "crun")
+                ]
+            ),
+            None
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-created"),
+                    ("node", "n"),
+                    ("runtime_handler", "crun")
+                ]
+            )
+            .as_deref(),
+            Some("1")
+        );
         assert!(!text.contains("6.1.0-28-amd64"), "old node_info series removed");
-        assert!(text.contains(
-            r#"usernsguard_selftest_duration_seconds_count{node="n",runtime_handler="runc"} 2"#
-        ));
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_duration_seconds_count",
+                &[("node", "n"), ("runtime_handler", "runc")]
+            )
+            .as_deref(),
+            Some("2")
+        );
     }
 
     #[test]
@@ -490,10 +596,9 @@ pub(crate) mod tests {
         m.set_install_state("crun", InstallState::Installed);
         let text = m.render();
         for (state, want) in [("installed", "1"), ("pending", "0"), ("failed", "0")] {
-            let key = format!(
-                r#"usernsguard_runtime_install_state{{node="n",runtime_handler="crun",state="{state}"}}"#
-            );
-            assert_eq!(line_value(&text, &key).as_deref(), Some(want), "{key}");
+            let labels = [("node", "n"), ("runtime_handler", "crun"), ("state", state)];
+            let got = sample(&text, "usernsguard_runtime_install_state", &labels);
+            assert_eq!(got.as_deref(), Some(want), "{state}");
         }
     }
 
@@ -509,8 +614,8 @@ pub(crate) mod tests {
         assert_eq!(m.pod_failures("runc", Reason::MqueueSetxattr), 4);
         let text = m.render();
         assert!(!text.contains("unrelated"));
-        assert!(text.contains(
-            r#"usernsguard_container_runtime_restarts_total{node="n",result="success",runtime="containerd"} 2"#
-        ));
+        let labels = [("node", "n"), ("result", "success"), ("runtime", "containerd")];
+        let got = sample(&text, "usernsguard_container_runtime_restarts_total", &labels);
+        assert_eq!(got.as_deref(), Some("2"));
     }
 }

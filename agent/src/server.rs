@@ -154,11 +154,7 @@ where
 
 /// Convenience for the `selftest --serve` command: binds `addr`, labels every series with
 /// this host's name, and runs until SIGTERM or Ctrl-C.
-pub async fn run_selftest_server<F>(
-    addr: SocketAddr,
-    interval: Duration,
-    run: F,
-) -> anyhow::Result<()>
+pub async fn run_selftest_server<F>(addr: SocketAddr, interval: Duration, run: F) -> anyhow::Result<()>
 where
     F: FnMut() -> SelfTestReport + Send + 'static,
 {
