@@ -40,7 +40,7 @@ fn pod(i: usize) -> Value {
                      "resourceVersion": "1", "labels": {"app": "bench", "pod-template-hash": "6d4cf56db6"},
                      "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}},
         "spec": {"nodeName": "node-a", "hostUsers": false,
-                 "runtimeClassName": if i % 2 == 0 { "crun-userns" } else { "runc-userns" },
+                 "runtimeClassName": if i.is_multiple_of(2) { "crun-userns" } else { "runc-userns" },
                  "containers": [{"name": "app", "image": "registry.example/app:1.2.3",
                                  "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]},
         "status": {"phase": "Pending", "startTime": "2026-01-01T00:00:10Z"}
@@ -90,17 +90,18 @@ async fn fake_api_server(
     while let Some((req, send)) = handle.next_request().await {
         let uri = req.uri().clone();
         let watching = query(&uri, "watch").as_deref() == Some("true");
-        let sandbox = query(&uri, "fieldSelector")
-            .is_some_and(|f| f.contains("FailedCreatePodSandBox"));
+        let sandbox = query(&uri, "fieldSelector").is_some_and(|f| f.contains("FailedCreatePodSandBox"));
         match (uri.path(), watching) {
             ("/apis/node.k8s.io/v1/runtimeclasses", false) => send.send_response(list(
                 "RuntimeClassList",
                 "1",
                 ["crun", "runc"]
                     .iter()
-                    .map(|h| json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                    .map(|h| {
+                        json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
                                      "metadata": {"name": format!("{h}-userns"), "resourceVersion": "1"},
-                                     "handler": h}))
+                                     "handler": h})
+                    })
                     .collect(),
                 None,
             )),
