@@ -151,10 +151,8 @@ fn main() {
         let metrics = Metrics::new("node-a").unwrap();
         let health = Health::new();
         let cfg = WatchConfig {
-            node_name: "node-a".into(),
-            default_handler: watch::DEFAULT_HANDLER.into(),
-            classify: Arc::new(usernsguard_runtime::classify::classify),
             agent_start: "2026-01-01T00:00:00Z".parse().unwrap(),
+            ..WatchConfig::new("node-a", Arc::new(usernsguard_runtime::classify::classify))
         };
         let started = Instant::now();
         let task = tokio::spawn(watch::run(client, cfg, metrics.clone(), health.clone()));
