@@ -34,6 +34,8 @@ cargo run -q -p usernsguard-agent -- crds --out-dir crds --check
 
 step "benchmarks (figures, not pass/fail)"
 cargo bench -q -p usernsguard-agent --bench selftest
+cargo bench -q -p usernsguard-agent --bench watch_memory
+cargo bench -q -p usernsguard-runtime --bench classify -- --warm-up-time 1 --measurement-time 3 typical_mix
 
 echo
 echo "all test steps passed"
