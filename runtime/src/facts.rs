@@ -202,7 +202,33 @@ fn gather_selinux(paths: &HostPaths) -> SelinuxFacts {
         .iter()
         .map(|d| paths.dev.join(d))
         .find_map(|p| selinux_xattr(&p).map(|l| (l, p)));
-    derive_selinux(enforce.as_deref(), policy, lxc_contexts.as_deref(), host_labels)
+    let context_file = paths.sys.join("fs/selinux/context");
+    let valid = |label: &str| selinux_context_valid(&context_file, label);
+    derive_selinux(
+        enforce.as_deref(),
+        policy,
+        lxc_contexts.as_deref(),
+        host_labels,
+        valid,
+    )
+}
+
+/// Asks the loaded policy whether `label` is a valid context: writing it to selinuxfs's
+/// `context` file fails with EINVAL when the policy does not define its type.
+///
+/// Needed because a distribution's `lxc_contexts` can name a type its policy lacks (Debian
+/// 12's refpolicy says `container_file_t`, which it does not define); a mount with that label
+/// fails for every runtime with EINVAL, which would hide the failure we look for.
+fn selinux_context_valid(context_file: &Path, label: &str) -> bool {
+    use std::io::Write;
+    let mut bytes = label.as_bytes().to_vec();
+    bytes.push(0);
+    // Never create the file: outside selinuxfs there is no policy to ask.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(context_file)
+        .and_then(|mut f| f.write_all(&bytes))
+        .is_ok()
 }
 
 /// The SELinux facts implied by what the host files say; pure so every mode is testable.
@@ -211,13 +237,17 @@ pub fn derive_selinux(
     policy: Option<String>,
     lxc_contexts: Option<&str>,
     host_mount_label: Option<(String, PathBuf)>,
+    policy_accepts: impl Fn(&str) -> bool,
 ) -> SelinuxFacts {
     let mode = match enforce {
         None => return SelinuxFacts::disabled(),
         Some("1") => SelinuxMode::Enforcing,
         Some(_) => SelinuxMode::Permissive,
     };
-    let (mount_label, mount_label_source) = if let Some(label) = lxc_contexts.and_then(lxc_file_context) {
+    let configured = lxc_contexts
+        .and_then(lxc_file_context)
+        .filter(|l| policy_accepts(l));
+    let (mount_label, mount_label_source) = if let Some(label) = configured {
         let src = format!(
             "/etc/selinux/{}/contexts/lxc_contexts",
             policy.as_deref().unwrap_or("?")
@@ -382,7 +412,9 @@ mod tests {
 
     #[test]
     fn selinux_disabled_when_selinuxfs_has_no_enforce_file() {
-        let f = derive_selinux(None, Some("targeted".into()), Some("file = \"x\""), None);
+        let f = derive_selinux(None, Some("targeted".into()), Some("file = \"x\""), None, |_| {
+            true
+        });
         assert_eq!(f, SelinuxFacts::disabled());
     }
 
@@ -394,6 +426,7 @@ mod tests {
             Some("targeted".into()),
             Some(lxc),
             Some(("system_u:object_r:tmpfs_t:s0".into(), "/dev/mqueue".into())),
+            |_| true,
         );
         assert_eq!(f.mode, SelinuxMode::Enforcing);
         assert_eq!(
@@ -413,9 +446,28 @@ mod tests {
             Some("default".into()),
             None,
             Some(("system_u:object_r:tmpfs_t:s0".into(), "/dev/mqueue".into())),
+            |_| true,
         );
         assert_eq!(f.mode, SelinuxMode::Permissive);
         assert!(f.mode.enabled());
+        assert_eq!(f.mount_label.as_deref(), Some("system_u:object_r:tmpfs_t:s0"));
+        assert_eq!(
+            f.mount_label_source.as_deref(),
+            Some("security.selinux of /dev/mqueue")
+        );
+    }
+
+    /// Debian 12's refpolicy: lxc_contexts names `container_file_t`, which the policy lacks.
+    #[test]
+    fn a_configured_label_the_policy_rejects_falls_back_to_the_host_mqueue_label() {
+        let lxc = "file = \"system_u:object_r:container_file_t:s0\"\n";
+        let f = derive_selinux(
+            Some("1"),
+            Some("default".into()),
+            Some(lxc),
+            Some(("system_u:object_r:tmpfs_t:s0".into(), "/dev/mqueue".into())),
+            |l| !l.contains("container_file_t"),
+        );
         assert_eq!(f.mount_label.as_deref(), Some("system_u:object_r:tmpfs_t:s0"));
         assert_eq!(
             f.mount_label_source.as_deref(),
@@ -473,6 +525,8 @@ mod tests {
         fs::write(root.join("proc/sys/kernel/osrelease"), "6.1.0-28-amd64\n").unwrap();
         fs::write(root.join("proc/sys/user/max_user_namespaces"), "0\n").unwrap();
         fs::write(root.join("sys/fs/selinux/enforce"), "1").unwrap();
+        // Stands in for selinuxfs's context file, which accepts every label here.
+        fs::write(root.join("sys/fs/selinux/context"), "").unwrap();
         fs::write(
             root.join("sys/kernel/security/lsm"),
             "lockdown,capability,selinux",
