@@ -5,8 +5,9 @@
 #
 #   tests/selinux-lane/run.sh [USERNSGUARD_BINARY [OUT_JSON]]
 #
-# Defaults: target/release/usernsguard and target/selinux-lane/selftest.json.
-# The serial console is kept beside OUT_JSON as console.log.
+# Defaults: target/release/usernsguard and target/selinux-lane/guest.json. Beside OUT_JSON
+# it leaves host.json (the same binary's selftest on this host, which the integration test
+# compares the guest's against) and console.log (the guest's serial console).
 #
 # Environment (all optional):
 #   SELINUX_LANE_CACHE    download/compile cache (default ${XDG_CACHE_HOME:-~/.cache}/usernsguard/selinux-lane)
@@ -24,7 +25,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
 bin=${1:-${USERNSGUARD_BIN:-$repo/target/release/usernsguard}}
-out=${2:-$repo/target/selinux-lane/selftest.json}
+out=${2:-$repo/target/selinux-lane/guest.json}
 mode=${SELINUX_LANE_MODE:-selftest}
 cache=${SELINUX_LANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/usernsguard/selinux-lane}
 timeout_s=${SELINUX_LANE_TIMEOUT:-240}
@@ -153,7 +154,17 @@ out_dir=$(dirname "$out")
 mkdir -p "$out_dir"
 out=$(cd "$out_dir" && pwd)/$(basename "$out")
 console="$out_dir/console.log"
-rm -f "$out" "$console"
+host_json="$out_dir/host.json"
+rm -f "$out" "$console" "$host_json"
+if [ "$mode" = selftest ]; then
+    # The same binary and runtimes on this host (no SELinux): the baseline the guest's
+    # verdicts are compared with.
+    host_rc=0
+    "$bin" selftest --output json > "$host_json" 2> "$out_dir/host.stderr" || host_rc=$?
+    [ "$host_rc" != 2 ] && jq -e .handlers "$host_json" > /dev/null 2>&1 ||
+        { cat "$out_dir/host.stderr" >&2; die "usernsguard selftest on the host failed (exit $host_rc)"; }
+    say "host selftest done after $(elapsed) s (exit $host_rc)"
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/selinux-lane.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
