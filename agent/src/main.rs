@@ -1,5 +1,44 @@
 //! `usernsguard`: node agent, controller and operator CLI.
+//!
+//! `main` is synchronous on purpose: the hidden probe-payload subcommand runs inside probe
+//! containers and must not start threads, and `selftest` needs none. Subcommands that talk
+//! to Kubernetes build their own tokio runtime.
 
-fn main() {
-    println!("usernsguard");
+mod selftest_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Proves, by running real probe containers, whether `hostUsers: false` pods work on a node,
+/// and publishes the verdict.
+#[derive(Debug, Parser)]
+#[command(name = "usernsguard", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
+    Selftest(selftest_cmd::SelftestArgs),
+    /// Runs inside a probe container and reports what it sees (internal).
+    #[command(name = "__probe-payload", hide = true)]
+    ProbePayload {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::ProbePayload { args } => exit(usernsguard_runtime::probe::payload::main(&args)),
+        Command::Selftest(args) => selftest_cmd::run(args),
+    }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
