@@ -19,6 +19,12 @@ const HOW: &str = "run the SELinux lane first: `bash tests/selinux-lane/run.sh \
 target/release/usernsguard target/selinux-lane/guest.json`, then \
 `USERNSGUARD_SELINUX_LANE_JSON=target/selinux-lane/guest.json cargo test -p usernsguard-agent --test selinux_lane`";
 
+/// cargo runs tests in the package directory, but the lane's paths are written from the
+/// workspace root (where `cargo test -p` is typed), so relative paths start there.
+fn from_workspace(p: std::ffi::OsString) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
 fn load(path: &Path, what: &str) -> SelfTestReport {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read the {what} report {}: {e}; {HOW}", path.display()));
@@ -33,11 +39,11 @@ fn load(path: &Path, what: &str) -> SelfTestReport {
 #[test]
 fn selinux_guest_detects_the_mqueue_setxattr_failure_and_agrees_with_the_host() {
     let guest_path = std::env::var_os("USERNSGUARD_SELINUX_LANE_JSON")
-        .map(PathBuf::from)
+        .map(from_workspace)
         .unwrap_or_else(|| panic!("USERNSGUARD_SELINUX_LANE_JSON is not set; {HOW}"));
     // run.sh writes the host's report beside the guest's.
     let host_path = std::env::var_os("USERNSGUARD_SELINUX_LANE_HOST_JSON")
-        .map(PathBuf::from)
+        .map(from_workspace)
         .unwrap_or_else(|| guest_path.with_file_name("host.json"));
     let guest = load(&guest_path, "guest");
     let host = load(&host_path, "host");

@@ -6,6 +6,11 @@
 # The label is the one the loaded policy gave /dev/mqueue (mounted after the load); busybox
 # cannot read xattrs, so the caller passes it (REPRO_LABEL) for this diagnostic only.
 label=${REPRO_LABEL:-system_u:object_r:tmpfs_t:s0}
+# Which labels the loaded policy accepts (a write to selinuxfs' context node validates one).
+for l in "$label" system_u:object_r:container_file_t:s0; do
+    if printf %s "$l" > /sys/fs/selinux/context 2>/dev/null; then v=valid; else v=invalid; fi
+    echo "== label $l: $v in the loaded policy =="
+done
 work=/run/repro
 rm -rf "$work"; mkdir -p "$work/rootfs/bin"
 cp /bin/busybox "$work/rootfs/bin/busybox"

@@ -48,6 +48,7 @@ host_tools=(
     "depmod kmod"
     "bunzip2 bzip2"
     "jq jq"
+    "strip binutils"
     "runc runc"
     "crun crun"
 )
@@ -188,7 +189,11 @@ copy_with_libs() { # host binary -> guest path, plus every library ldd names
 }
 copy_with_libs "$(command -v runc)" /usr/sbin/runc
 copy_with_libs "$(command -v crun)" /usr/bin/crun
-[ "$mode" = selftest ] && copy_with_libs "$bin" /usr/bin/usernsguard
+if [ "$mode" = selftest ]; then
+    copy_with_libs "$bin" /usr/bin/usernsguard
+    # A debug build carries hundreds of MiB of DWARF the guest never reads.
+    strip --strip-debug "$root/usr/bin/usernsguard"
+fi
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
 echo lane > "$root/etc/hostname"
