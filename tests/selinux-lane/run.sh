@@ -14,6 +14,8 @@
 #   SELINUX_LANE_TIMEOUT  seconds qemu may run before it is killed (default 240)
 #   SELINUX_LANE_MODE     selftest (default) | repro (runs runc/crun directly, no usernsguard)
 #   SELINUX_LANE_NO_APT=1 never call apt-get install (fail if a tool is missing)
+#   SELINUX_LANE_APPEND   extra guest kernel arguments, appended last (e.g. enforcing=0 to
+#                         see the lane refuse a permissive guest)
 #
 # It fails loudly (non-zero, with the console tail) when the guest does not boot, when
 # SELinux is not enforcing in it, or when no JSON comes back. It does not judge the
@@ -214,13 +216,15 @@ say "guest image ready after $(elapsed) s (root ${size_mb} MiB ext4, policy $(st
 
 # --- boot -------------------------------------------------------------------------------------
 # TCG only: nested KVM on these machines aborts (-cpu host) or hangs (-cpu kvm64).
+# no_timer_check: on a busy host TCG can miss the kernel's IO-APIC timer test, which then
+# panics ("IO-APIC + timer doesn't work!", seen once here while cargo was building).
 qemu_rc=0
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg -cpu max -m 1G -smp 1 -nographic -no-reboot \
     -kernel "$kdir/vmlinuz" -initrd "$work/initramfs.cpio" \
     -drive "file=$work/root.img,if=virtio,format=raw" \
     -nic none \
-    -append "console=ttyS0 security=selinux enforcing=1 quiet loglevel=3 panic=-1 lane.mode=$mode" \
+    -append "console=ttyS0 security=selinux enforcing=1 no_timer_check quiet loglevel=3 panic=-1 lane.mode=$mode ${SELINUX_LANE_APPEND:-}" \
     < /dev/null > "$console" 2>&1 || qemu_rc=$?
 tr -d '\r' < "$console" > "$console.tmp" && mv "$console.tmp" "$console"
 
