@@ -95,6 +95,12 @@ fetch() { # package version -> path of the .deb in the cache
     # apt-get download names files with the epoch's colon escaped (2%3a2.2022...).
     local pattern="${1}_*${2#*:}_*.deb" f
     f=$(find "$cache/debs" -maxdepth 1 -name "$pattern" | head -n1)
+    # A download cut short in an earlier run must not poison the cache.
+    if [ -n "$f" ] && ! dpkg-deb --info "$f" > /dev/null 2>&1; then
+        say "discarding unreadable cached $f"
+        rm -f "$f"
+        f=""
+    fi
     if [ -z "$f" ]; then
         say "downloading $1=$2"
         (cd "$cache/debs" && apt-get download -q "$1=$2" >&2) ||
