@@ -1,9 +1,15 @@
 //! `usernsguard`: node agent, controller and operator CLI.
 //!
+//! One binary, one subcommand per role (DESIGN.md fixes the names). Each subcommand lives
+//! in its own module; this file only parses the command line and dispatches.
+//!
 //! `main` is synchronous on purpose: the hidden probe-payload subcommand runs inside probe
 //! containers and must not start threads, and `selftest` needs none. Subcommands that talk
 //! to Kubernetes build their own tokio runtime.
 
+mod classify_cmd;
+mod crd;
+mod crdgen;
 mod selftest_cmd;
 
 use std::process::ExitCode;
@@ -23,6 +29,10 @@ struct Cli {
 enum Command {
     /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
     Selftest(selftest_cmd::SelftestArgs),
+    /// Print the CustomResourceDefinitions as YAML (or write one file per kind).
+    Crds(crdgen::CrdsArgs),
+    /// Read pod failure messages from stdin, one per line, and print one reason code per line.
+    Classify(classify_cmd::ClassifyArgs),
     /// Runs inside a probe container and reports what it sees (internal).
     #[command(name = "__probe-payload", hide = true)]
     ProbePayload {
@@ -36,9 +46,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::ProbePayload { args } => exit(usernsguard_runtime::probe::payload::main(&args)),
         Command::Selftest(args) => selftest_cmd::run(args),
+        Command::Classify(args) => report(classify_cmd::run(&args)),
+        Command::Crds(args) => report(crdgen::run(&args, &mut std::io::stdout().lock())),
     }
 }
 
 fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The binary's edge: an error is printed with its whole cause chain, and exits 1.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usernsguard: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! pass, 2 bad usage or nothing could be probed.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -43,6 +44,13 @@ pub struct SelftestArgs {
     /// (for nodes whose container-selinux policy uses a non-standard label).
     #[arg(long, value_name = "LABEL")]
     selinux_mount_label: Option<String>,
+    /// Keep running: serve /metrics, /healthz and /readyz on ADDR (default 0.0.0.0:9464) and
+    /// repeat the self-test every --interval, so a host without Kubernetes is monitored too.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = usernsguard_agent::server::DEFAULT_ADDR)]
+    serve: Option<SocketAddr>,
+    /// Time between self-test runs with --serve.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    interval: Duration,
 }
 
 fn parse_handler(s: &str) -> Result<RuntimeHandler, String> {
@@ -100,6 +108,9 @@ impl SelftestArgs {
 }
 
 pub fn run(args: SelftestArgs) -> ExitCode {
+    if let Some(addr) = args.serve {
+        return serve(&args, addr);
+    }
     let report = match args
         .config()
         .and_then(|c| selftest::run(&c).map_err(|e| e.to_string()))
@@ -123,6 +134,36 @@ pub fn run(args: SelftestArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     exit_code(&report)
+}
+
+/// `selftest --serve`: the same engine, re-run every `--interval`, published as metrics.
+fn serve(args: &SelftestArgs, addr: SocketAddr) -> ExitCode {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("usernsguard selftest: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("usernsguard selftest: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = move || selftest::run(&config);
+    match runtime.block_on(usernsguard_agent::server::run_selftest_server(
+        addr,
+        args.interval,
+        run,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usernsguard selftest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 pub fn exit_code(report: &SelfTestReport) -> ExitCode {

@@ -39,12 +39,16 @@ impl RuntimeHandler {
     }
 }
 
-/// Handler names end up in label keys (`usernsguard.io/userns.<handler>`), so they must be
-/// valid label-name suffixes.
+/// Handler names end up in label keys (`usernsguard.io/runtime.<handler>`), whose name part
+/// is at most 63 characters; `runtime.` takes 8 of them.
+pub const MAX_HANDLER_NAME: usize = 55;
+
+/// Whether `name` can be a handler name: a valid label-name suffix of at most
+/// [`MAX_HANDLER_NAME`] characters (the CRDs enforce the same rule).
 pub fn valid_handler_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
-        && b.len() <= 63
+        && b.len() <= MAX_HANDLER_NAME
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
         && b.iter()
@@ -53,7 +57,7 @@ pub fn valid_handler_name(name: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoverError {
-    #[error("invalid runtime {0:?}: expected NAME=PATH with NAME a label-safe handler name (letters, digits, '-', '_', '.'; at most 63)")]
+    #[error("invalid runtime {0:?}: expected NAME=PATH with NAME a label-safe handler name (letters, digits, '-', '_', '.'; at most 55 characters)")]
     BadHandlerSpec(String),
     #[error("no {0} binary found on PATH")]
     NotFound(String),
@@ -66,6 +70,13 @@ pub enum DiscoverError {
     },
     #[error(transparent)]
     Process(#[from] ProcessError),
+}
+
+impl DiscoverError {
+    /// The runtime did not answer in time: reported as the `timeout` reason.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DiscoverError::Process(ProcessError::Timeout { .. }))
+    }
 }
 
 /// The runtime family, which decides how it has to be invoked.

@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod classify;
+pub mod cri_config;
 pub mod discover;
 pub mod facts;
 pub mod probe;

@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bundle::{self, Payload};
-use crate::discover::{self, DiscoverError, RuntimeHandler};
+use crate::discover::{self, RuntimeHandler};
 use crate::facts::{HostPaths, NodeFacts, SelinuxFacts};
 use crate::probe::{self, runner::RuntimeCommand, ProbeEnv};
-use crate::process::ProcessError;
 use crate::reason::Reason;
 use crate::report::{Check, CheckResult, ClaimedFeatures, HandlerReport, SelfTestReport, Verdict};
 use crate::userns::IdMapping;
@@ -139,8 +138,7 @@ fn test_handler(
     let version = match discover::version(&handler.binary, config.timeout) {
         Ok(v) => v,
         Err(e) => {
-            let reason =
-                matches!(e, DiscoverError::Process(ProcessError::Timeout { .. })).then_some(Reason::Timeout);
+            let reason = e.is_timeout().then_some(Reason::Timeout);
             let message = format!("runtime handler {:?}: {e}", handler.name);
             report.checks = checks
                 .iter()
@@ -191,32 +189,59 @@ fn test_handler(
         id_prefix: &id_prefix,
     };
     let label = format!("{} {}", version.name, version.version);
-    for check in checks {
-        let started = Instant::now();
-        let mut result = if check == Check::Features {
-            match discover::features(&handler.binary, config.timeout) {
-                Ok(claims) => {
-                    report.features = claims;
-                    probe::evaluate_features(&report.features, &report.checks, &label)
-                }
-                Err(e) => {
-                    let reason = matches!(e, DiscoverError::Process(ProcessError::Timeout { .. }))
-                        .then_some(Reason::Timeout);
-                    CheckResult::error(check, reason, e.to_string())
-                }
+    // The checks are independent containers with their own bundles, state roots and ids, so
+    // they run concurrently: a self-test then costs about one container start, not four,
+    // and a hanging runtime costs one timeout per handler, not one per check.
+    let (mut results, claims) = std::thread::scope(|s| {
+        let probes: Vec<_> = checks
+            .iter()
+            .filter(|c| **c != Check::Features)
+            .map(|&check| {
+                let (env, label) = (&env, &label);
+                s.spawn(move || {
+                    let started = Instant::now();
+                    let outcome = probe::run_probe(check, env);
+                    let mut result = probe::evaluate(check, &outcome, env.uid, label);
+                    result.duration_seconds = started.elapsed().as_secs_f64();
+                    result
+                })
+            })
+            .collect();
+        let claims = checks.contains(&Check::Features).then(|| {
+            let started = Instant::now();
+            (
+                discover::features(&handler.binary, config.timeout),
+                started.elapsed(),
+            )
+        });
+        let results: Vec<CheckResult> = probes
+            .into_iter()
+            .map(|p| p.join().expect("probe threads do not panic"))
+            .collect();
+        (results, claims)
+    });
+    if let Some((claims, elapsed)) = claims {
+        let mut result = match claims {
+            Ok(claims) => {
+                report.features = claims;
+                probe::evaluate_features(&report.features, &results, &label)
             }
-        } else {
-            let outcome = probe::run_probe(check, &env);
-            probe::evaluate(check, &outcome, env.uid, &label)
+            Err(e) => {
+                let reason = e.is_timeout().then_some(Reason::Timeout);
+                CheckResult::error(Check::Features, reason, e.to_string())
+            }
         };
-        if check == Check::UsernsJoined && node.selinux.mode.enabled() && mount_label.is_none() {
-            result.message.push_str(
+        result.duration_seconds = elapsed.as_secs_f64();
+        results.push(result);
+    }
+    if node.selinux.mode.enabled() && mount_label.is_none() {
+        for r in results.iter_mut().filter(|r| r.check == Check::UsernsJoined) {
+            r.message.push_str(
                 " (SELinux is enabled but no container mount label could be derived; the probe ran without linux.mountLabel)",
             );
         }
-        result.duration_seconds = started.elapsed().as_secs_f64();
-        report.checks.push(result);
     }
+    report.checks = results;
     report.verdict = Verdict::of(&report.checks);
     report
 }

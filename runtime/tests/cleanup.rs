@@ -17,13 +17,7 @@ fn fifty_runs_with_hangs_leave_nothing_behind() {
     common::require_root();
     let _serial = common::serial();
     let bin = tempfile::tempdir().unwrap();
-    let marker = format!("1000.{}", std::process::id());
-    let hang = common::fake_runtime(
-        bin.path(),
-        "hang",
-        "runc version 9.9.9",
-        &format!("sleep {marker} & sleep {marker}"),
-    );
+    let (hang, marker) = common::hanging_runtime(bin.path());
     let work_dir = PathBuf::from(format!("/run/usernsguard-test-cleanup-{}", std::process::id()));
     let (runc, crun) = (common::handler("runc"), common::handler("crun"));
     let payload_path = common::payload().host_path.to_string_lossy().into_owned();

@@ -19,13 +19,7 @@ fn hanging_runtime_times_out_every_check_and_its_children_die() {
     common::require_root();
     let _serial = common::serial();
     let bin = tempfile::tempdir().unwrap();
-    let marker = format!("1000.{}", std::process::id());
-    let hang = common::fake_runtime(
-        bin.path(),
-        "hang",
-        "runc version 9.9.9",
-        &format!("sleep {marker} & sleep {marker}"),
-    );
+    let (hang, marker) = common::hanging_runtime(bin.path());
     let mut config = common::config(vec![hang], &[]);
     config.timeout = Duration::from_millis(300);
     config.work_dir = work_dir("hang");

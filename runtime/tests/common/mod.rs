@@ -127,3 +127,13 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// A fake runtime that answers `--version` and hangs in every other subcommand, with a
+/// grandchild that keeps its pipes open. Returns it and the marker in its processes'
+/// command lines, for leftover checks.
+pub fn hanging_runtime(dir: &std::path::Path) -> (RuntimeHandler, String) {
+    // A sleep duration unique to this process marks the processes to look for.
+    let marker = format!("1000.{}", std::process::id());
+    let body = format!("sleep {marker} & sleep {marker}");
+    (fake_runtime(dir, "hang", "runc version 9.9.9", &body), marker)
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine of this kind (Debian 12, root): installs what it
+# needs, then runs formatting, lints, every Rust test (the root-only ones included), the
+# offline CRD validation and the benchmarks' figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh must run as root: the integration tests run real containers with user namespaces" >&2
+  exit 2
+fi
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "system packages"
+scripts/install-deps.sh all
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (workspace, as root)"
+cargo test --workspace
+
+step "CRDs and examples (offline apiextensions/v1, schema and CEL validation)"
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/usernsguard/venv-crds"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q -r tests/requirements.txt
+"$venv/bin/python" tests/validate_crds.py
+cargo run -q -p usernsguard-agent -- crds --out-dir crds --check
+
+step "benchmarks (figures, not pass/fail)"
+cargo bench -q -p usernsguard-agent --bench selftest
+
+echo
+echo "all test steps passed"
