@@ -22,7 +22,7 @@ mount -t selinuxfs selinuxfs /sys/fs/selinux || fatal "mount selinuxfs"
 # selinuxfs takes the policy in ONE write(2): cat writes in chunks and gets EINVAL.
 dd if=/lane/policy.bin of=/sys/fs/selinux/load bs=64M 2>/dev/null || fatal "loading /lane/policy.bin into /sys/fs/selinux/load failed"
 echo "LANE: policy loaded ($(wc -c < /lane/policy.bin) bytes, policyvers $(cat /sys/fs/selinux/policyvers))"
-echo "LANE: selinux enforce=$(cat /sys/fs/selinux/enforce) context=$(cat /proc/self/attr/current | tr -d '\0')"
+echo "LANE: selinux enforce=$(cat /sys/fs/selinux/enforce) context=$(tr -d '\0' < /proc/self/attr/current)"
 
 # Mounted after the policy load, so the policy's fs_use rules label them.
 mkdir -p /dev/mqueue /dev/shm /dev/pts

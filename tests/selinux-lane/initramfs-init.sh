@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # Stage 1 of the SELinux lane guest (PID 1 from the initramfs).
 # Loads the few modules an ext4 root on a virtio disk needs, mounts it and hands over.
 # The real root is ext4 rather than the initramfs because the self-test's idmap-mount

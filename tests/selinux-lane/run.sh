@@ -56,7 +56,10 @@ host_tools=(
 )
 
 say() { printf 'selinux-lane: %s\n' "$*" >&2; }
-elapsed() { echo $((($(date +%s%N) - start_ns) / 1000000)) | sed 's/\(...\)$/.\1/'; }
+elapsed() {
+    local ms=$((($(date +%s%N) - start_ns) / 1000000))
+    printf '%d.%03d' $((ms / 1000)) $((ms % 1000))
+}
 die() {
     say "FAILED: $*"
     say "wall time $(elapsed) s"
@@ -72,8 +75,8 @@ fi
 # --- host tools -------------------------------------------------------------------------
 missing=()
 for t in "${host_tools[@]}"; do
-    set -- $t
-    command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+    read -r tool pkg <<< "$t"
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ! busybox_path=$(command -v busybox) || ldd "$busybox_path" >/dev/null 2>&1; then
     missing+=(busybox-static)
@@ -152,8 +155,12 @@ if [ ! -s "$policy_bin" ]; then
     [ -s "$pwork/cil/base.cil" ] || die "$policy_pkg has no base module"
     # handle-unknown=allow: this refpolicy predates classes the kernel has (user_namespace, ...);
     # deny would break every runtime for reasons that have nothing to do with this test.
-    (cd "$pwork/cil" && secilc -c 33 -M true -U allow -o "$policy_bin.tmp" -f /dev/null \
-        base.cil $(ls ./*.cil | grep -v '^./base.cil$')) >&2 || die "secilc failed"
+    modules=("$pwork/cil/base.cil")
+    for f in "$pwork"/cil/*.cil; do
+        [ "$f" = "$pwork/cil/base.cil" ] || modules+=("$f")
+    done
+    secilc -c 33 -M true -U allow -o "$policy_bin.tmp" -f /dev/null "${modules[@]}" >&2 ||
+        die "secilc failed"
     mv "$policy_bin.tmp" "$policy_bin"
     rm -rf "$pwork"
 fi
@@ -170,8 +177,10 @@ if [ "$mode" = selftest ]; then
     # verdicts are compared with.
     host_rc=0
     "$bin" selftest --output json > "$host_json" 2> "$out_dir/host.stderr" || host_rc=$?
-    [ "$host_rc" != 2 ] && jq -e .handlers "$host_json" > /dev/null 2>&1 ||
-        { cat "$out_dir/host.stderr" >&2; die "usernsguard selftest on the host failed (exit $host_rc)"; }
+    if [ "$host_rc" = 2 ] || ! jq -e .handlers "$host_json" > /dev/null 2>&1; then
+        cat "$out_dir/host.stderr" >&2
+        die "usernsguard selftest on the host failed (exit $host_rc)"
+    fi
     say "host selftest done after $(elapsed) s (exit $host_rc)"
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/selinux-lane.XXXXXX")
