@@ -208,7 +208,7 @@ copy_with_libs "$(command -v runc)" /usr/sbin/runc
 copy_with_libs "$(command -v crun)" /usr/bin/crun
 if [ "$mode" = selftest ]; then
     copy_with_libs "$bin" /usr/bin/usernsguard
-    # A debug build carries hundreds of MiB of DWARF the guest never reads.
+    # A debug build carries tens of MiB of DWARF the guest never reads.
     strip --strip-debug "$root/usr/bin/usernsguard"
 fi
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$root/etc/passwd"
