@@ -1,0 +1,215 @@
+//! The SELinux lane's claims (`selinux_lane_support::lane_violations`) checked against
+//! doctored reports, so that every rule is known to reject what it should. The lane
+//! itself (`selinux_lane.rs`) applies the same rules to real guest and host output.
+
+mod selinux_lane_support;
+
+use selinux_lane_support::lane_violations;
+use serde_json::{json, Value};
+use usernsguard_runtime::SelfTestReport;
+
+fn check(name: &str, result: &str, reason: Option<&str>, message: &str) -> Value {
+    let mut c = json!({"check": name, "result": result, "message": message, "durationSeconds": 0.5});
+    if let Some(r) = reason {
+        c["reason"] = json!(r);
+    }
+    c
+}
+
+const SETXATTR: &str = "runc create failed: error mounting \"mqueue\" to rootfs at \"/dev/mqueue\": \
+setxattr /run/usernsguard/x/rootfs/dev/mqueue: operation not permitted";
+
+fn report(selinux: Value, runc_joined: Value) -> Value {
+    json!({
+        "startedAt": "2026-11-29T04:00:00Z",
+        "durationSeconds": 3.0,
+        "node": {"kernel": "6.1.0-50-amd64", "selinux": selinux, "lsms": [],
+                 "cgroup": "v2", "idmapFilesystems": []},
+        "handlers": [
+            {"handler": "runc", "binary": "/usr/sbin/runc", "runtime": "runc", "version": "1.1.5",
+             "features": {"available": true}, "verdict": "fail",
+             "checks": [check("userns-created", "Pass", None, "ok"), runc_joined,
+                        check("idmap-mount", "Fail", Some("idmap_ignored"), "not idmapped"),
+                        check("features", "Pass", None, "agrees")]},
+            {"handler": "crun", "binary": "/usr/bin/crun", "runtime": "crun", "version": "1.8.1",
+             "features": {"available": false}, "verdict": "pass",
+             "checks": [check("userns-created", "Pass", None, "ok"),
+                        check("userns-joined", "Pass", None, "owner 0"),
+                        check("idmap-mount", "Pass", None, "mapped"),
+                        check("features", "Skip", None, "no features subcommand")]}
+        ]
+    })
+}
+
+fn good_guest() -> Value {
+    report(
+        json!({"mode": "enforcing", "mountLabel": "system_u:object_r:tmpfs_t:s0",
+               "mountLabelSource": "security.selinux of /dev/mqueue"}),
+        check("userns-joined", "Fail", Some("mqueue_setxattr"), SETXATTR),
+    )
+}
+
+fn good_host() -> Value {
+    report(
+        json!({"mode": "disabled"}),
+        check(
+            "userns-joined",
+            "Fail",
+            Some("mqueue_owner_unmapped"),
+            "/dev/mqueue owned by 65534",
+        ),
+    )
+}
+
+fn violations(guest: Value, host: Value) -> Vec<String> {
+    let parse = |v: Value| -> SelfTestReport { serde_json::from_value(v).expect("fixture parses") };
+    lane_violations(&parse(guest), &parse(host))
+}
+
+/// Asserts exactly one violation, mentioning `needle`.
+fn rejects(guest: Value, host: Value, needle: &str) {
+    let v = violations(guest, host);
+    assert!(
+        v.len() == 1 && v[0].contains(needle),
+        "expected one violation about {needle:?}, got {v:#?}"
+    );
+}
+
+#[test]
+fn accepts_the_expected_guest_and_host_pair() {
+    assert_eq!(violations(good_guest(), good_host()), Vec::<String>::new());
+}
+
+#[test]
+fn rejects_a_guest_that_is_not_enforcing() {
+    let mut g = good_guest();
+    g["node"]["selinux"]["mode"] = json!("permissive");
+    rejects(g, good_host(), "expected enforcing");
+}
+
+#[test]
+fn rejects_a_missing_malformed_or_injected_mount_label() {
+    let mut g = good_guest();
+    g["node"]["selinux"].as_object_mut().unwrap().remove("mountLabel");
+    rejects(g, good_host(), "no node.selinux.mountLabel");
+
+    let mut g = good_guest();
+    g["node"]["selinux"]["mountLabel"] = json!("tmpfs_t");
+    rejects(g, good_host(), "not an SELinux context");
+
+    let mut g = good_guest();
+    g["node"]["selinux"]["mountLabelSource"] = json!("injected");
+    rejects(g, good_host(), "injected");
+}
+
+#[test]
+fn rejects_runc_joined_without_the_setxattr_failure() {
+    let mut g = good_guest();
+    g["handlers"][0]["checks"][1] = check("userns-joined", "Pass", None, "owner 0");
+    let v = violations(g, good_host());
+    assert!(
+        v.iter().any(|m| m.contains("expected Fail/mqueue_setxattr")),
+        "{v:#?}"
+    );
+    assert!(
+        v.iter().any(|m| m.contains("must fail with mqueue_setxattr")),
+        "{v:#?}"
+    );
+
+    let mut g = good_guest();
+    g["handlers"][0]["checks"][1] = check(
+        "userns-joined",
+        "Fail",
+        Some("mqueue_owner_unmapped"),
+        "owned by 65534",
+    );
+    let v = violations(g, good_host());
+    assert!(
+        v.iter().any(|m| m.contains("expected Fail/mqueue_setxattr")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn rejects_a_setxattr_verdict_without_the_runtimes_error_text() {
+    // usernsguard's own explanation names the error but is not the runtime's output.
+    let explained = "/dev/mqueue is owned by 65534:65534: on an SELinux node labelling the mount \
+fails with setxattr: operation not permitted (runc issue 4466)";
+    for message in ["mqueue could not be labelled", explained] {
+        let mut g = good_guest();
+        g["handlers"][0]["checks"][1] = check("userns-joined", "Fail", Some("mqueue_setxattr"), message);
+        rejects(g, good_host(), "lacks the runtime's error text");
+    }
+}
+
+#[test]
+fn recognises_the_runtimes_setxattr_error_in_both_runc_spellings() {
+    use selinux_lane_support::has_runtime_setxattr_error as quoted;
+    assert!(quoted(SETXATTR));
+    assert!(quoted(
+        "runc run failed: setxattr /proc/thread-self/fd/7: operation not permitted"
+    ));
+    assert!(!quoted("setxattr /dev/mqueue: permission denied"));
+    assert!(!quoted("setxattr: operation not permitted"));
+    assert!(!quoted("setxattr /dev/mqueue"));
+}
+
+#[test]
+fn rejects_crun_failing_in_the_guest() {
+    let mut g = good_guest();
+    g["handlers"][1]["checks"][1] = check("userns-joined", "Fail", Some("mqueue_setxattr"), SETXATTR);
+    let v = violations(g, good_host());
+    assert!(v.iter().any(|m| m.contains("guest crun userns-joined")), "{v:#?}");
+    assert!(
+        v.iter().any(|m| m.contains("crun userns-joined: guest Fail")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn rejects_any_other_check_that_differs_from_the_host() {
+    let mut g = good_guest();
+    g["handlers"][1]["checks"][2] = check(
+        "idmap-mount",
+        "Fail",
+        Some("idmap_unsupported"),
+        "tmpfs needs 6.3",
+    );
+    rejects(g, good_host(), "crun idmap-mount: guest Fail");
+
+    let mut h = good_host();
+    h["handlers"][0]["checks"][3] = check("features", "Fail", Some("features_mismatch"), "claims idmap");
+    rejects(good_guest(), h, "runc features: guest Pass");
+
+    // A host that saw no precondition at all disagrees with the guest's failure.
+    let mut h = good_host();
+    h["handlers"][0]["checks"][1] = check("userns-joined", "Pass", None, "owner 0");
+    rejects(good_guest(), h, "runc userns-joined: guest Fail");
+}
+
+#[test]
+fn rejects_missing_handlers_and_different_binaries() {
+    let mut g = good_guest();
+    g["handlers"].as_array_mut().unwrap().remove(1);
+    let v = violations(g, good_host());
+    assert!(
+        v.iter().any(|m| m.contains("guest report has no crun handler")),
+        "{v:#?}"
+    );
+    assert!(v.iter().any(|m| m.contains("only one of")), "{v:#?}");
+
+    let mut h = good_host();
+    h["handlers"][0]["version"] = json!("1.2.1");
+    rejects(good_guest(), h, "not the same binary");
+}
+
+#[test]
+fn rejects_a_guest_whose_runtime_made_userns_does_not_work() {
+    let mut g = good_guest();
+    g["handlers"][1]["checks"][0] = check("userns-created", "Fail", Some("userns_unsupported"), "no userns");
+    let v = violations(g, good_host());
+    assert!(
+        v.iter().any(|m| m.contains("guest crun userns-created")),
+        "{v:#?}"
+    );
+}
