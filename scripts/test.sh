@@ -32,6 +32,15 @@ venv="${XDG_CACHE_HOME:-$HOME/.cache}/usernsguard/venv-crds"
 "$venv/bin/python" tests/validate_crds.py
 cargo run -q -p usernsguard-agent -- crds --out-dir crds --check
 
+step "SELinux lane: selftest in an SELinux-enforcing qemu guest (tests/selinux-lane/README.md)"
+# `--all-targets` skips this test=false target, so lint it explicitly.
+cargo clippy -q -p usernsguard-agent --test selinux_lane -- -D warnings
+cargo build -q --release -p usernsguard-agent
+bash tests/selinux-lane/run.sh target/release/usernsguard target/selinux-lane/guest.json
+USERNSGUARD_SELINUX_LANE_JSON=target/selinux-lane/guest.json cargo test -p usernsguard-agent --test selinux_lane
+# The lane must fail loudly, never pass vacuously: not enforcing, no SELinux, no init.
+bash tests/selinux-lane/check-guards.sh
+
 step "benchmarks (figures, not pass/fail)"
 cargo bench -q -p usernsguard-agent --bench selftest
 cargo bench -q -p usernsguard-agent --bench watch_memory
