@@ -183,7 +183,9 @@ fn capture(child: &mut Child, deadline: Instant) -> io::Result<(Vec<u8>, Vec<u8>
         let slice = (deadline - now).min(Duration::from_millis(50));
         let wait = PollTimeout::try_from(slice).unwrap_or(PollTimeout::ZERO);
         if !open {
-            std::thread::sleep(slice);
+            // Both pipes hit EOF just before the exit became visible to `try_wait`; the
+            // child is exiting, so poll its status closely rather than a whole slice.
+            std::thread::sleep(slice.min(Duration::from_millis(1)));
             continue;
         }
         let (out_ready, err_ready) = {

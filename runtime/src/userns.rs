@@ -189,6 +189,7 @@ fn holder_main(from_parent: i32, to_parent: i32) -> ! {
             libc::write(to_parent, msg.as_ptr().cast(), if failed { 2 } else { 1 });
         };
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        close_other_fds(from_parent, to_parent);
         if libc::unshare(libc::CLONE_NEWUSER) != 0 {
             report(b'U', true);
             libc::_exit(1);
@@ -209,9 +210,64 @@ fn holder_main(from_parent: i32, to_parent: i32) -> ! {
     }
 }
 
+/// Closes every fd but stdio and the two pipes. A fork (unlike an exec) keeps fds opened
+/// without `O_CLOEXEC` semantics mattering, so without this the holder would keep copies of
+/// pipes other threads are creating for concurrent probes, and delay their EOF for as long
+/// as it lives.
+///
+/// # Safety
+/// Only to be called in the freshly forked holder: it closes fds the parent's threads own.
+unsafe fn close_other_fds(a: i32, b: i32) {
+    let (lo, hi) = (a.min(b) as u32, a.max(b) as u32);
+    let ranges = [
+        (3, lo.saturating_sub(1)),
+        (lo + 1, hi.saturating_sub(1)),
+        (hi + 1, u32::MAX),
+    ];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        // SAFETY: close_range is a raw syscall on fd numbers; no memory is touched.
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } != 0 {
+            // Kernels before 5.9: close one by one, up to a generous bound.
+            for fd in first..=last.min(4096) {
+                // SAFETY: as above.
+                unsafe { libc::close(fd as i32) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Probes run concurrently: a holder forked while another thread has a pipe open must not
+    /// keep that pipe's write end, or the other probe's reader waits for the holder to die.
+    #[test]
+    fn holder_keeps_no_copy_of_other_threads_fds() {
+        assert_eq!(
+            nix::unistd::geteuid().as_raw(),
+            0,
+            "creating user namespaces with maps needs root"
+        );
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let holder =
+            NamespaceHolder::spawn(IdMapping::pod(0x7000_0000), IdMapping::pod(0x7000_0000)).unwrap();
+        let own_user_ns = fs::read_link("/proc/self/ns/user").unwrap();
+        assert_ne!(fs::read_link(holder.user_ns_path()).unwrap(), own_user_ns);
+        let uid_map = fs::read_to_string(format!("/proc/{}/uid_map", holder.pid())).unwrap();
+        assert!(
+            IdMapping::pod(0x7000_0000).matches_proc_map(&uid_map),
+            "{uid_map}"
+        );
+        drop(w);
+        let mut buf = [0u8; 1];
+        // EOF now (not EAGAIN), while the holder still lives: it closed its copy of `w`.
+        assert_eq!(nix::unistd::read(&r, &mut buf), Ok(0));
+        drop(holder);
+    }
 
     #[test]
     fn mapping_translation_and_proc_format() {
