@@ -123,14 +123,21 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
 pub struct ApiServerVerifier(pub Handle<Request<Body>, Response<RespBody>>);
 
 impl ApiServerVerifier {
-    /// The next request; panics if none arrives within 1 s of (possibly paused) time.
+    /// The next request; panics if none arrives within 1 s of real time. Real time, not
+    /// tokio time: under `start_paused` the code under test may be waiting on a blocking
+    /// thread (the self-test runner), and tokio would otherwise auto-advance the clock past
+    /// the deadline while it runs. Polling keeps the runtime busy, so paused time stands still.
     pub async fn next(&mut self) -> Seen {
-        let fut = self.0.next_request();
-        let (req, send) = tokio::time::timeout(Duration::from_secs(1), fut)
-            .await
-            .expect("no request within 1s")
-            .expect("client dropped");
-        read(req, send).await
+        let start = std::time::Instant::now();
+        let mut fut = std::pin::pin!(self.0.next_request());
+        loop {
+            if let std::task::Poll::Ready(r) = futures::poll!(&mut fut) {
+                let (req, send) = r.expect("client dropped");
+                return read(req, send).await;
+            }
+            assert!(start.elapsed() < Duration::from_secs(1), "no request within 1s");
+            tokio::task::yield_now().await;
+        }
     }
 
     /// The next request if one arrives within `wait`, else None.
@@ -184,4 +191,167 @@ pub async fn finish<T>(handle: tokio::task::JoinHandle<T>, limit: Duration) -> T
         .await
         .expect("scenario timed out")
         .expect("scenario panicked")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Object builders and a fake self-test engine
+// ---------------------------------------------------------------------------------------------
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{ObjectMeta, PartialObjectMeta};
+use usernsguard_runtime::report::{Check, CheckResult, HandlerReport, SelfTestReport, Verdict};
+use usernsguard_runtime::{NodeFacts, Reason};
+
+use crate::agent::{RunRequest, SelfTestRunner};
+use crate::crd::{SelfTest, SelfTestSpec};
+
+impl SelfTest {
+    /// `default`, generation 1, all nodes, handlers runc and crun, labels published.
+    pub fn test() -> Self {
+        let spec: SelfTestSpec = serde_json::from_value(serde_json::json!({
+            "runtimeHandlers": ["runc", "crun"],
+        }))
+        .unwrap();
+        let mut st = SelfTest::new("default", spec);
+        st.metadata.generation = Some(1);
+        st.metadata.uid = Some("st-uid-1".into());
+        st
+    }
+
+    #[allow(dead_code)]
+    pub fn named(mut self, name: &str) -> Self {
+        self.metadata.name = Some(name.into());
+        self
+    }
+
+    pub fn with_handlers<const N: usize>(mut self, handlers: [&str; N]) -> Self {
+        self.spec.runtime_handlers = handlers.iter().map(|h| h.to_string()).collect();
+        self
+    }
+
+    pub fn generation(mut self, g: i64) -> Self {
+        self.metadata.generation = Some(g);
+        self
+    }
+
+    pub fn selecting(mut self, key: &str, value: &str) -> Self {
+        self.spec.node_selector.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn interval(mut self, interval: &str) -> Self {
+        self.spec.interval = Some(interval.into());
+        self
+    }
+}
+
+/// Metadata of Node `name` (what the agent's node watch delivers).
+pub fn node_meta<const N: usize>(name: &str, labels: [(&str, &str); N]) -> PartialObjectMeta<Node> {
+    let mut m: PartialObjectMeta<Node> = PartialObjectMeta {
+        types: Some(kube::api::TypeMeta {
+            api_version: "meta.k8s.io/v1".into(),
+            kind: "PartialObjectMetadata".into(),
+        }),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            uid: Some(format!("{name}-uid")),
+            resource_version: Some("1".into()),
+            ..ObjectMeta::default()
+        },
+        _phantom: std::marker::PhantomData,
+    };
+    m.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    m
+}
+
+pub fn facts() -> NodeFacts {
+    serde_json::from_value(serde_json::json!({
+        "kernel": "6.1.0-test", "selinux": {"mode": "disabled"}, "cgroup": "v2",
+    }))
+    .unwrap()
+}
+
+/// A handler report with the given verdict: a failing one fails `userns-joined` with
+/// `mqueue_owner_unmapped`.
+pub fn handler_report(handler: &str, verdict: Verdict) -> HandlerReport {
+    let checks = match verdict {
+        Verdict::Pass => vec![CheckResult::pass(Check::UsernsJoined, "/dev/mqueue owned by 0")],
+        Verdict::Fail => vec![CheckResult::fail(
+            Check::UsernsJoined,
+            Reason::MqueueOwnerUnmapped,
+            "/dev/mqueue owned by 65534",
+        )],
+        Verdict::Unknown => vec![CheckResult::error(
+            Check::UsernsJoined,
+            Some(Reason::Timeout),
+            "timed out",
+        )],
+    };
+    HandlerReport {
+        handler: handler.into(),
+        binary: format!("/usr/bin/{handler}"),
+        runtime: handler.into(),
+        version: "1.0".into(),
+        features: Default::default(),
+        verdict,
+        checks,
+    }
+}
+
+/// A self-test engine that answers from a table and records what it was asked. Each run
+/// gets a new `startedAt` and durations, as the real engine's would.
+#[derive(Debug, Default)]
+pub struct FakeRunner {
+    pub verdicts: Mutex<BTreeMap<String, Verdict>>,
+    pub calls: Mutex<Vec<RunRequest>>,
+}
+
+impl FakeRunner {
+    pub fn with<const N: usize>(verdicts: [(&str, Verdict); N]) -> Arc<Self> {
+        let r = FakeRunner::default();
+        r.set(verdicts);
+        Arc::new(r)
+    }
+
+    pub fn set<const N: usize>(&self, verdicts: [(&str, Verdict); N]) {
+        *self.verdicts.lock().unwrap() = verdicts.iter().map(|(h, v)| (h.to_string(), *v)).collect();
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+impl SelfTestRunner for FakeRunner {
+    fn run(&self, req: &RunRequest) -> SelfTestReport {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(req.clone());
+        let n = calls.len();
+        let verdicts = self.verdicts.lock().unwrap();
+        let handlers = verdicts
+            .iter()
+            .filter(|(h, _)| req.handlers.is_empty() || req.handlers.contains(h))
+            .map(|(h, v)| {
+                let mut r = handler_report(h, *v);
+                for c in &mut r.checks {
+                    c.duration_seconds = 0.1 * n as f64;
+                }
+                r
+            })
+            .collect();
+        SelfTestReport {
+            started_at: format!("2026-11-29T04:{:02}:00Z", n % 60),
+            duration_seconds: 0.5 * n as f64,
+            node: facts(),
+            handlers,
+        }
+    }
 }

@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+#[allow(dead_code)] // wired into `usernsguard agent` by a later commit
+mod agent;
 mod crd;
 mod crdgen;
 #[cfg(test)]
