@@ -355,3 +355,49 @@ impl SelfTestRunner for FakeRunner {
         }
     }
 }
+
+use crate::crd::{
+    NodeReport, NodeReportSpec, NodeReportStatus, RuntimeProfile, RuntimeProfileSpec, SelfTestResult,
+};
+
+impl NodeReport {
+    /// The report of `node` with one result per (SelfTest, handler, generation, verdict).
+    pub fn test(node: &str, results: &[(&str, &str, i64, Verdict)]) -> Self {
+        let mut nr = NodeReport::new(
+            node,
+            NodeReportSpec {
+                node_name: node.into(),
+            },
+        );
+        nr.status = Some(NodeReportStatus {
+            results: results
+                .iter()
+                .map(|(st, h, g, v)| SelfTestResult {
+                    self_test: st.to_string(),
+                    generation: *g,
+                    started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        format!("2026-11-29T03:0{g}:00Z").parse().unwrap(),
+                    ),
+                    report: handler_report(h, *v),
+                })
+                .collect(),
+            ..NodeReportStatus::default()
+        });
+        nr
+    }
+}
+
+impl RuntimeProfile {
+    /// `crun` profile: bundled crun, handler `crun`, default RuntimeClass options.
+    pub fn test() -> Self {
+        let spec: RuntimeProfileSpec = serde_json::from_value(serde_json::json!({
+            "runtime": "crun", "handler": "crun",
+            "binary": {"source": "Bundled", "path": "/usr/local/bin/crun"},
+        }))
+        .unwrap();
+        let mut p = RuntimeProfile::new("crun", spec);
+        p.metadata.uid = Some("rtp-uid".into());
+        p.metadata.generation = Some(1);
+        p
+    }
+}

@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 
 #[allow(dead_code)] // wired into `usernsguard agent` by a later commit
 mod agent;
+#[allow(dead_code)] // wired into `usernsguard controller` by a later commit
+mod controller;
 mod crd;
 mod crdgen;
 #[cfg(test)]
