@@ -132,6 +132,8 @@ pub struct NodeFacts {
     pub lsms: Vec<String>,
     /// `user.max_user_namespaces`; 0 disables user namespaces outright.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Kubernetes knows no `uint64` format and warns about it when the CRD is applied.
+    #[schemars(extend("format" = "int64"))]
     pub max_user_namespaces: Option<u64>,
     pub cgroup: CgroupMode,
     #[serde(default)]
