@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::node::v1::{Overhead, RuntimeClass, Scheduling};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -30,7 +31,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use tokio::sync::watch;
 use usernsguard_runtime::report::Verdict;
+
+use crate::leader::{run_elected, LeaseLock, LeaseTiming};
 
 use crate::crd::{HandlerNodeCounts, NodeCounts, NodeReport, RuntimeProfile, SelfTest, SelfTestStatus};
 
@@ -588,4 +592,50 @@ mod tests {
         p.spec.runtime_class.create = false;
         assert!(desired_runtime_class(&p).is_none());
     }
+}
+
+/// `usernsguard controller` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// Namespace of the leader-election Lease: the controller's own (downward API
+    /// `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "usernsguard-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "usernsguard-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (downward API `metadata.name`); default: the
+    /// host name and process id.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// `usernsguard controller`: in-cluster config or KUBECONFIG, then [`main_loop`] forever.
+pub async fn main(args: ControllerArgs) -> anyhow::Result<()> {
+    crate::init_tracing();
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes API configuration: expected the in-cluster service account or KUBECONFIG")?;
+    let (ready, _ready_rx) = watch::channel(false);
+    main_loop(client, args, ready).await;
+    Ok(())
+}
+
+/// The controller process: leader election around [`run`]. `ready` latches once the Lease
+/// could be read. Never returns.
+pub async fn main_loop(client: Client, args: ControllerArgs, ready: watch::Sender<bool>) {
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let lock = LeaseLock::new(
+        Api::namespaced(client.clone(), &args.lease_namespace),
+        &args.lease_name,
+        &identity,
+        LeaseTiming::default(),
+    );
+    let (leading, _) = watch::channel(false);
+    run_elected(lock, leading, ready, move || run(client.clone())).await;
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }

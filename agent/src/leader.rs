@@ -177,9 +177,14 @@ impl LeaseLock {
 /// Runs `work` only while `lock` is held: waits as a standby, starts `work` on acquiring,
 /// renews every `retry_period`, and aborts `work` as soon as the Lease is lost or could not
 /// be renewed within `renew_deadline`; then goes back to standby. `leading` mirrors the
-/// state (for readiness and logs). Never returns.
-pub async fn run_elected<F, Fut>(mut lock: LeaseLock, leading: watch::Sender<bool>, work: F)
-where
+/// state; `ready` latches true after the first round that reached the API server (leader
+/// or standby alike: both are healthy replicas). Never returns.
+pub async fn run_elected<F, Fut>(
+    mut lock: LeaseLock,
+    leading: watch::Sender<bool>,
+    ready: watch::Sender<bool>,
+    work: F,
+) where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -187,8 +192,13 @@ where
     loop {
         loop {
             match lock.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
+                Ok(true) => {
+                    ready.send_replace(true);
+                    break;
+                }
+                Ok(false) => {
+                    ready.send_replace(true);
+                }
                 Err(e) => tracing::warn!(error = %e, "leader election: cannot read the Lease"),
             }
             tokio::time::sleep(timing.retry_period).await;
@@ -346,8 +356,9 @@ mod tests {
         let (lock, mut server) = lock("b");
         let started = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = watch::channel(false);
         let s2 = started.clone();
-        let elector = tokio::spawn(run_elected(lock, tx, move || {
+        let elector = tokio::spawn(run_elected(lock, tx, ready_tx, move || {
             let s = s2.clone();
             async move {
                 s.fetch_add(1, Ordering::SeqCst);
@@ -376,6 +387,7 @@ mod tests {
             );
             assert!(!*rx.borrow());
         }
+        assert!(*ready_rx.borrow(), "a standby that reads the Lease is ready");
         let seen = server.next().await;
         seen.expect(Method::PUT, &format!("{PATH}?"), Some("application/json"));
         assert_eq!(seen.body["spec"]["holderIdentity"], "b");
