@@ -981,3 +981,139 @@ mod tests {
         assert_eq!(worse(Verdict::Pass, Verdict::Pass), Verdict::Pass);
     }
 }
+
+/// The loop as a whole: against an unreachable API server, and an hour of steady state.
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use crate::fixtures::{mock_client, node_meta, unreachable_client, FakeRunner};
+    use http::{Method, StatusCode};
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn survives_an_unreachable_api_server_and_stays_not_ready() {
+        let runner = FakeRunner::with([("runc", Verdict::Pass)]);
+        let agent = Agent::new(unreachable_client(), AgentConfig::new("n1"), runner.clone());
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(run(agent, tx));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!task.is_finished(), "the agent loop ended (crashed or returned)");
+        assert!(!*rx.borrow(), "ready without ever reaching the API server");
+        assert_eq!(runner.calls(), 0, "no SelfTest known yet: nothing to run");
+        task.abort();
+    }
+
+    fn query_param<'a>(uri: &'a str, key: &str) -> Option<&'a str> {
+        uri.split_once('?')?
+            .1
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// One agent, one SelfTest (runc and crun, every 10 minutes), 110 pods on the node, no
+    /// change for an hour: counts every request the fake API server receives. The server
+    /// would answer pod lists too; this reconciler must never ask (the pod/event failure
+    /// watches of `watch.rs` are separate and not part of this count).
+    #[tokio::test(start_paused = true)]
+    async fn an_hour_of_steady_state_costs_only_watch_renewals() {
+        let runner = FakeRunner::with([("runc", Verdict::Pass), ("crun", Verdict::Pass)]);
+        let (client, mut server) = mock_client();
+        let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone());
+        let mut st = SelfTest::test().interval("10m");
+        st.metadata.resource_version = Some("90".into());
+        let node = node_meta(
+            "n1",
+            [
+                ("usernsguard.io/userns.runc", "pass"),
+                ("usernsguard.io/userns.crun", "pass"),
+            ],
+        );
+        let pods: Vec<Value> = (0..110)
+            .map(|i| json!({"metadata": {"name": format!("pod-{i}"), "namespace": "default"}, "spec": {"nodeName": "n1"}}))
+            .collect();
+        let log: Arc<Mutex<Vec<(Instant, Method, String)>>> = Arc::default();
+        let server_log = log.clone();
+        let fake = tokio::spawn(async move {
+            while let Some(seen) = server.next_unbounded().await {
+                server_log
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), seen.method.clone(), seen.uri.clone()));
+                let path = seen.uri.split('?').next().unwrap().to_owned();
+                let watch = query_param(&seen.uri, "watch") == Some("true");
+                match (seen.method.clone(), path.as_str(), watch) {
+                    (Method::GET, _, true) => {
+                        let secs: u64 = query_param(&seen.uri, "timeoutSeconds").unwrap().parse().unwrap();
+                        seen.watch_stream(vec![], Duration::from_secs(secs));
+                    }
+                    (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => seen.reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "SelfTestList",
+                                "metadata": {"resourceVersion": "100"}, "items": [st]}),
+                    ),
+                    (Method::GET, "/api/v1/nodes", false) => seen.reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                                "metadata": {"resourceVersion": "100"}, "items": [node]}),
+                    ),
+                    (Method::GET, "/api/v1/pods", false) => seen.reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "v1", "kind": "PodList",
+                                "metadata": {"resourceVersion": "100"}, "items": pods}),
+                    ),
+                    (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1", _)
+                    | (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1/status", _) => {
+                        let mut stored = seen.body.clone();
+                        stored["spec"] = json!({"nodeName": "n1"});
+                        seen.reply(StatusCode::OK, &stored);
+                    }
+                    (m, p, _) => panic!("unexpected request {m} {p}"),
+                }
+            }
+        });
+        let (tx, mut rx) = watch::channel(false);
+        let task = tokio::spawn(run(agent, tx));
+        rx.wait_for(|r| *r).await.unwrap();
+        let startup = log.lock().unwrap().len();
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let end = start + Duration::from_secs(3600);
+
+        let log = log.lock().unwrap();
+        // Everything after the startup requests (initial lists and watches, first publish)
+        // that arrived within the hour.
+        let hour: Vec<_> = log[startup..].iter().filter(|(t, ..)| *t < end).collect();
+        let watches = hour
+            .iter()
+            .filter(|(_, m, u)| *m == Method::GET && query_param(u, "watch") == Some("true"))
+            .count();
+        let others: Vec<_> = hour
+            .iter()
+            .filter(|(_, m, u)| !(*m == Method::GET && query_param(u, "watch") == Some("true")))
+            .map(|(_, m, u)| format!("{m} {u}"))
+            .collect();
+        eprintln!(
+            "steady-state hour: {} requests ({watches} watch renewals, {} other); startup: {startup} \
+             requests; self-test runs in the hour: {}",
+            hour.len(),
+            others.len(),
+            runner.calls() - 1
+        );
+        assert!(
+            others.is_empty(),
+            "lists, gets or writes in steady state: {others:?}"
+        );
+        // Two watches (SelfTests, own Node), each renewed when the server closes it after
+        // timeoutSeconds (290 s in kube's watcher): at most ceil(3600 / 290) = 13 each.
+        assert!(watches <= 26, "{watches} watch requests");
+        assert!(
+            watches >= 2 * 12,
+            "{watches}: the watches were not kept open the whole hour"
+        );
+        // First run, then one every 10 minutes: each re-run found the same and wrote nothing.
+        assert!((6..=7).contains(&runner.calls()), "{} runs", runner.calls());
+        assert!(!task.is_finished());
+        task.abort();
+        fake.abort();
+    }
+}

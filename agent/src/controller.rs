@@ -578,6 +578,24 @@ mod tests {
         crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
     }
 
+    #[tokio::test]
+    async fn survives_an_unreachable_api_server_and_stays_not_ready() {
+        let args = ControllerArgs {
+            lease_namespace: "usernsguard-system".into(),
+            lease_name: "usernsguard-controller".into(),
+            identity: Some("replica-a".into()),
+        };
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(main_loop(crate::fixtures::unreachable_client(), args, tx));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !task.is_finished(),
+            "the controller loop ended (crashed or returned)"
+        );
+        assert!(!*rx.borrow(), "ready without ever reaching the API server");
+        task.abort();
+    }
+
     #[test]
     fn runtime_class_follows_profile_options() {
         let mut p = RuntimeProfile::test();

@@ -19,6 +19,13 @@ use tower_test::mock::{self, Handle, SendResponse};
 /// Response body of the fake server: either a complete JSON document or a watch stream.
 pub type RespBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// A client for an API server that is not there (a closed port): every request fails to
+/// connect, as when the control plane is down.
+pub fn unreachable_client() -> Client {
+    let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+    Client::try_from(config).expect("client from static config")
+}
+
 /// A client talking to the fake server, and the server's handle.
 pub fn mock_client() -> (Client, ApiServerVerifier) {
     let (svc, handle) = mock::pair::<Request<Body>, Response<RespBody>>();
@@ -138,6 +145,13 @@ impl ApiServerVerifier {
             assert!(start.elapsed() < Duration::from_secs(1), "no request within 1s");
             tokio::task::yield_now().await;
         }
+    }
+
+    /// The next request, however long it takes (None once the client is gone): for fake
+    /// servers that run for a whole simulated hour.
+    pub async fn next_unbounded(&mut self) -> Option<Seen> {
+        let (req, send) = self.0.next_request().await?;
+        Some(read(req, send).await)
     }
 
     /// The next request if one arrives within `wait`, else None.
