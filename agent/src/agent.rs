@@ -629,7 +629,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{mock_client, node_meta, ApiServerVerifier, FakeRunner, Seen};
+    use crate::api_fixtures::{mock_client, node_meta, ApiServerVerifier, FakeRunner, Seen};
     use http::{Method, StatusCode};
 
     const LABELS: &str = "/api/v1/nodes/n1?&fieldManager=usernsguard-agent";
@@ -739,7 +739,7 @@ mod tests {
         });
         let due = agent.sync(&list, &node).await.unwrap();
         assert_eq!(due, None, "no interval: nothing scheduled");
-        let mut server = crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        let mut server = crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
         let calls = runner.calls.lock().unwrap().clone();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].handlers, vec!["runc", "crun"]);
@@ -759,7 +759,7 @@ mod tests {
         });
         let due = agent.sync(&list, &node).await.unwrap();
         assert_eq!(due, Some(Duration::from_secs(600)));
-        let mut server = crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        let mut server = crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
 
         // The node now carries the label (what the node watch delivers next).
         let node = node_meta("n1", [("usernsguard.io/userns.runc", "pass")]);
@@ -793,7 +793,7 @@ mod tests {
         });
         agent.sync(&list, &node).await.unwrap();
         assert_eq!(runner.calls(), 3);
-        crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
@@ -834,7 +834,7 @@ mod tests {
             server
         });
         agent.sync(&list, &node).await.unwrap();
-        let mut server = crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        let mut server = crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
         // Still failing on the next sync: no second Event, no write.
         let node = node_meta(
             "n1",
@@ -861,7 +861,7 @@ mod tests {
             server
         });
         agent.sync(&list, &node).await.unwrap();
-        let mut server = crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        let mut server = crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
 
         // Relabelled out of the pool; a stale label from an older run is removed as well.
         let node = node_meta(
@@ -884,7 +884,7 @@ mod tests {
             assert_eq!(status, json!({}), "no results, no summary, no facts left");
         });
         agent.sync(&list, &node).await.unwrap();
-        crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
         assert_eq!(runner.calls(), 1, "not selected: not run");
     }
 
@@ -986,7 +986,7 @@ mod tests {
 #[cfg(test)]
 mod loop_tests {
     use super::*;
-    use crate::fixtures::{mock_client, node_meta, unreachable_client, FakeRunner};
+    use crate::api_fixtures::{mock_client, node_meta, unreachable_client, FakeRunner};
     use http::{Method, StatusCode};
     use std::sync::Mutex;
 

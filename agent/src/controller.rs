@@ -373,7 +373,7 @@ pub async fn run(client: Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{mock_client, ApiServerVerifier};
+    use crate::api_fixtures::{mock_client, ApiServerVerifier};
     use http::{Method, StatusCode};
     use kube::runtime::watcher::Event;
     use serde_json::Value;
@@ -464,7 +464,7 @@ mod tests {
         });
         let action = reconcile_selftest(st, ctx).await.unwrap();
         assert_eq!(action, Action::await_change(), "no periodic requeue");
-        crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
@@ -575,7 +575,7 @@ mod tests {
             seen.reply(StatusCode::OK, &stored);
         });
         reconcile_profile(Arc::new(p), ctx).await.unwrap();
-        crate::fixtures::finish(scenario, Duration::from_secs(1)).await;
+        crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
@@ -586,7 +586,7 @@ mod tests {
             identity: Some("replica-a".into()),
         };
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(main_loop(crate::fixtures::unreachable_client(), args, tx));
+        let task = tokio::spawn(main_loop(crate::api_fixtures::unreachable_client(), args, tx));
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(
             !task.is_finished(),

@@ -3,11 +3,11 @@
 use clap::{Parser, Subcommand};
 
 mod agent;
+#[cfg(test)]
+mod api_fixtures;
 mod controller;
 mod crd;
 mod crdgen;
-#[cfg(test)]
-mod fixtures;
 mod leader;
 
 #[derive(Debug, Parser)]
