@@ -5,6 +5,7 @@
 //! The crate has no kube dependency so that `usernsguard selftest` on a plain containerd
 //! host and the in-cluster agent run exactly the same code.
 
+pub mod classify;
 pub mod facts;
 pub mod reason;
 pub mod report;

@@ -1,0 +1,621 @@
+//! The Prometheus registry and every metric of DESIGN.md's table, owned in one place so the
+//! names, types and label sets cannot drift between the agent, `selftest --serve`, the
+//! chart's dashboard and its alert rules.
+//!
+//! The `node` label is a registry-wide constant label: every series carries it without any
+//! call site having to remember it. Label values are bounded by construction: reasons and
+//! checks come from closed enums, handlers from the node's runtime configuration.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use usernsguard_runtime::{CheckOutcome, Reason, SelfTestReport};
+
+/// Install state of a runtime handler; the `state` label of
+/// `usernsguard_runtime_install_state` and the value of the `usernsguard.io/runtime.<handler>`
+/// node label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InstallState {
+    Installed,
+    Pending,
+    Failed,
+}
+
+impl InstallState {
+    pub const ALL: [InstallState; 3] = [
+        InstallState::Installed,
+        InstallState::Pending,
+        InstallState::Failed,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InstallState::Installed => "installed",
+            InstallState::Pending => "pending",
+            InstallState::Failed => "failed",
+        }
+    }
+}
+
+/// Outcome of a container runtime restart/reload; the `result` label of
+/// `usernsguard_container_runtime_restarts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestartResult {
+    Success,
+    Failure,
+}
+
+impl RestartResult {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RestartResult::Success => "success",
+            RestartResult::Failure => "failure",
+        }
+    }
+}
+
+/// Self-test durations range from a few hundred milliseconds (crun, warm cache) to the probe
+/// timeout; buckets cover 0.1 s .. ~100 s.
+const SELFTEST_DURATION_BUCKETS: [f64; 11] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+
+/// All usernsguard metrics behind one registry. Cheap to clone (shared handles).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pod_userns_failures: IntCounterVec,
+    pod_userns_starts: IntCounterVec,
+    selftest_check_passed: IntGaugeVec,
+    selftest_duration: HistogramVec,
+    selftest_last_run: GaugeVec,
+    runtime_info: IntGaugeVec,
+    runtime_install_state: IntGaugeVec,
+    container_runtime_restarts: IntCounterVec,
+    node_info: IntGaugeVec,
+    /// `(runtime, version)` last published per handler, so an upgrade replaces the old
+    /// `runtime_info` series instead of leaving both at 1.
+    runtime_info_seen: Arc<Mutex<HashMap<String, (String, String)>>>,
+}
+
+/// Failure to build the registry: only possible through a programming error (duplicate or
+/// invalid metric definition), reported with the metric's name.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metric: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    /// A registry whose every series carries `node=<node>`.
+    pub fn new(node: &str) -> Result<Metrics, MetricsError> {
+        let labels = HashMap::from([("node".to_owned(), node.to_owned())]);
+        let registry = Registry::new_custom(None, Some(labels))?;
+
+        let pod_userns_failures = IntCounterVec::new(
+            opts(
+                "usernsguard_pod_userns_failures_total",
+                "Occurrences of user-namespace pod sandbox/container creation failures on this node, by classified reason.",
+            ),
+            &["runtime_handler", "reason"],
+        )?;
+        let pod_userns_starts = IntCounterVec::new(
+            opts(
+                "usernsguard_pod_userns_starts_total",
+                "User-namespace pods (hostUsers: false) on this node that reached Running.",
+            ),
+            &["runtime_handler"],
+        )?;
+        let selftest_check_passed = IntGaugeVec::new(
+            opts(
+                "usernsguard_selftest_check_passed",
+                "1 if the last self-test check passed, 0 if it failed or errored; absent when skipped.",
+            ),
+            &["runtime_handler", "check"],
+        )?;
+        let selftest_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "usernsguard_selftest_duration_seconds",
+                "Time spent running the self-test checks of one runtime handler.",
+            )
+            .buckets(SELFTEST_DURATION_BUCKETS.to_vec()),
+            &["runtime_handler"],
+        )?;
+        let selftest_last_run = GaugeVec::new(
+            opts(
+                "usernsguard_selftest_last_run_timestamp_seconds",
+                "Unix time at which the last self-test run of the handler finished.",
+            ),
+            &["runtime_handler"],
+        )?;
+        let runtime_info = IntGaugeVec::new(
+            opts(
+                "usernsguard_runtime_info",
+                "The OCI runtime behind a handler and its version (always 1).",
+            ),
+            &["runtime_handler", "runtime", "version"],
+        )?;
+        let runtime_install_state = IntGaugeVec::new(
+            opts(
+                "usernsguard_runtime_install_state",
+                "Install state of a runtime handler: one series per state, 1 for the current state and 0 for the others.",
+            ),
+            &["runtime_handler", "state"],
+        )?;
+        let container_runtime_restarts = IntCounterVec::new(
+            opts(
+                "usernsguard_container_runtime_restarts_total",
+                "Restarts or reloads of the container runtime (containerd, CRI-O) done by usernsguard.",
+            ),
+            &["runtime", "result"],
+        )?;
+        let node_info = IntGaugeVec::new(
+            opts(
+                "usernsguard_node_info",
+                "Kernel release and SELinux mode of the node (always 1).",
+            ),
+            &["kernel", "selinux_mode"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            opts("usernsguard_build_info", "usernsguard build (always 1)."),
+            &["version"],
+        )?;
+
+        registry.register(Box::new(pod_userns_failures.clone()))?;
+        registry.register(Box::new(pod_userns_starts.clone()))?;
+        registry.register(Box::new(selftest_check_passed.clone()))?;
+        registry.register(Box::new(selftest_duration.clone()))?;
+        registry.register(Box::new(selftest_last_run.clone()))?;
+        registry.register(Box::new(runtime_info.clone()))?;
+        registry.register(Box::new(runtime_install_state.clone()))?;
+        registry.register(Box::new(container_runtime_restarts.clone()))?;
+        registry.register(Box::new(node_info.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        Ok(Metrics {
+            registry,
+            pod_userns_failures,
+            pod_userns_starts,
+            selftest_check_passed,
+            selftest_duration,
+            selftest_last_run,
+            runtime_info,
+            runtime_install_state,
+            container_runtime_restarts,
+            node_info,
+            runtime_info_seen: Arc::default(),
+        })
+    }
+
+    /// The registry, for callers that add their own collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Creates the zero-valued failure and start series of a handler, so `rate()` and
+    /// `increase()` see the first failure as an increase from 0 rather than a new series.
+    pub fn register_handler(&self, handler: &str) {
+        for reason in Reason::ALL.into_iter().filter(|r| r.is_userns()) {
+            self.pod_userns_failures
+                .with_label_values(&[handler, reason.as_str()]);
+        }
+        self.pod_userns_starts.with_label_values(&[handler]);
+    }
+
+    /// Adds `delta` new occurrences of a user-namespace pod failure. `Unrelated` is never
+    /// counted: it is not a user-namespace failure, and counting it would break the label domain.
+    pub fn add_pod_failures(&self, handler: &str, reason: Reason, delta: u64) {
+        if !reason.is_userns() || delta == 0 {
+            return;
+        }
+        self.pod_userns_failures
+            .with_label_values(&[handler, reason.as_str()])
+            .inc_by(delta);
+    }
+
+    /// Counts one user-namespace pod that reached Running.
+    pub fn inc_pod_start(&self, handler: &str) {
+        self.pod_userns_starts.with_label_values(&[handler]).inc();
+    }
+
+    /// Publishes one self-test run. Per check: 1 for `Pass`, 0 for `Fail` and `Error` (the
+    /// handler cannot be trusted either way), and no series for `Skip` (a check that does
+    /// not apply must not read as a failure). A handler's duration is the sum of its checks'
+    /// durations; the last-run timestamp is the run's end (`started_at + duration_seconds`,
+    /// or now when `started_at` does not parse).
+    pub fn observe_selftest(&self, report: &SelfTestReport) {
+        let finished = report
+            .started_at
+            .parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond() as f64 / 1000.0 + report.duration_seconds)
+            .unwrap_or_else(|_| jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+
+        self.node_info.reset();
+        self.node_info
+            .with_label_values(&[report.node.kernel.as_str(), report.node.selinux.mode.as_str()])
+            .set(1);
+
+        let mut seen = self.runtime_info_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for h in &report.handlers {
+            let handler = h.handler.as_str();
+            for c in &h.checks {
+                let value = match c.result {
+                    CheckOutcome::Pass => Some(1),
+                    CheckOutcome::Fail | CheckOutcome::Error => Some(0),
+                    CheckOutcome::Skip => None,
+                };
+                match value {
+                    Some(v) => self
+                        .selftest_check_passed
+                        .with_label_values(&[handler, c.check.as_str()])
+                        .set(v),
+                    None => {
+                        let _ = self
+                            .selftest_check_passed
+                            .remove_label_values(&[handler, c.check.as_str()]);
+                    }
+                }
+            }
+            let duration: f64 = h.checks.iter().map(|c| c.duration_seconds).sum();
+            self.selftest_duration
+                .with_label_values(&[handler])
+                .observe(duration);
+            self.selftest_last_run.with_label_values(&[handler]).set(finished);
+
+            let info = (h.runtime.clone(), h.version.clone());
+            if let Some(old) = seen.get(handler).filter(|old| **old != info) {
+                let _ = self
+                    .runtime_info
+                    .remove_label_values(&[handler, old.0.as_str(), old.1.as_str()]);
+            }
+            self.runtime_info
+                .with_label_values(&[handler, info.0.as_str(), info.1.as_str()])
+                .set(1);
+            seen.insert(handler.to_owned(), info);
+            self.register_handler(handler);
+        }
+    }
+
+    /// Sets the install state of a handler. Every state is exported, 1 for the current one and
+    /// 0 for the others (the OpenMetrics "stateset" shape), so an alert on
+    /// `{state="failed"} == 1` resolves as soon as the state changes instead of waiting for
+    /// the old series to go stale.
+    pub fn set_install_state(&self, handler: &str, state: InstallState) {
+        for s in InstallState::ALL {
+            self.runtime_install_state
+                .with_label_values(&[handler, s.as_str()])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Counts one restart/reload of the container runtime (`containerd`, `crio`).
+    pub fn inc_runtime_restart(&self, runtime: &str, result: RestartResult) {
+        self.container_runtime_restarts
+            .with_label_values(&[runtime, result.as_str()])
+            .inc();
+    }
+
+    /// Current value of a failure counter (tests and diagnostics).
+    pub fn pod_failures(&self, handler: &str, reason: Reason) -> u64 {
+        self.pod_userns_failures
+            .with_label_values(&[handler, reason.as_str()])
+            .get()
+    }
+
+    /// Current value of a start counter (tests and diagnostics).
+    pub fn pod_starts(&self, handler: &str) -> u64 {
+        self.pod_userns_starts.with_label_values(&[handler]).get()
+    }
+
+    /// The classic Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families, and our families are
+        // built only through this module.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use usernsguard_runtime::{
+        Check, CheckResult, HandlerReport, NodeFacts, SelinuxFacts, SelinuxMode, Verdict,
+    };
+
+    /// A two-handler report: crun passes everything, runc fails `userns-joined` with the
+    /// mqueue symptom and skips `idmap-mount`.
+    pub(crate) fn sample_report() -> SelfTestReport {
+        fn check(check: Check, result: CheckOutcome, secs: f64) -> CheckResult {
+            let mut c = match result {
+                CheckOutcome::Fail => CheckResult::fail(check, Reason::MqueueOwnerUnmapped, "65534"),
+                _ => CheckResult::new(check, result, None, "ok"),
+            };
+            c.duration_seconds = secs;
+            c
+        }
+        SelfTestReport {
+            started_at: "2026-11-29T03:00:00Z".into(),
+            duration_seconds: 2.0,
+            node: NodeFacts {
+                kernel: "6.1.0-28-amd64".into(),
+                selinux: SelinuxFacts {
+                    mode: SelinuxMode::Enforcing,
+                    policy: Some("targeted".into()),
+                    mount_label: None,
+                    mount_label_source: None,
+                },
+                lsms: vec![],
+                max_user_namespaces: Some(63000),
+                cgroup: usernsguard_runtime::facts::CgroupMode::Hybrid,
+                idmap_filesystems: vec![],
+            },
+            handlers: vec![
+                HandlerReport {
+                    handler: "crun".into(),
+                    binary: "/usr/bin/crun".into(),
+                    runtime: "crun".into(),
+                    version: "1.8.1".into(),
+                    features: Default::default(),
+                    verdict: Verdict::Pass,
+                    checks: vec![
+                        check(Check::UsernsCreated, CheckOutcome::Pass, 0.25),
+                        check(Check::UsernsJoined, CheckOutcome::Pass, 0.5),
+                    ],
+                },
+                HandlerReport {
+                    handler: "runc".into(),
+                    binary: "/usr/sbin/runc".into(),
+                    runtime: "runc".into(),
+                    version: "1.1.5".into(),
+                    features: Default::default(),
+                    verdict: Verdict::Fail,
+                    checks: vec![
+                        check(Check::UsernsCreated, CheckOutcome::Pass, 0.5),
+                        check(Check::UsernsJoined, CheckOutcome::Fail, 0.75),
+                        check(Check::IdmapMount, CheckOutcome::Skip, 0.0),
+                        check(Check::Features, CheckOutcome::Error, 0.0),
+                    ],
+                },
+            ],
+        }
+    }
+
+    /// Value of the sample `name{labels}` in a text exposition, matching the label set
+    /// exactly and in any order.
+    pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<String> {
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        want.sort();
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = rest
+                .trim_end_matches('}')
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once("=\"").unwrap();
+                    (k.to_owned(), v.trim_end_matches('"').to_owned())
+                })
+                .collect();
+            got.sort();
+            (got == want).then(|| value.to_owned())
+        })
+    }
+
+    #[test]
+    fn selftest_report_feeds_check_duration_timestamp_runtime_and_node_info() {
+        let m = Metrics::new("node-a").unwrap();
+        m.observe_selftest(&sample_report());
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "crun")
+                ]
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "features"),
+                    ("node", "node-a"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
+            Some("0"),
+            "Error reads as not passed"
+        );
+        assert!(
+            !text.contains(r#"check="idmap-mount""#),
+            "skipped checks export no series:\n{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_duration_seconds_sum",
+                &[("node", "node-a"), ("runtime_handler", "runc")]
+            )
+            .as_deref(),
+            Some("1.25")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_last_run_timestamp_seconds",
+                &[("node", "node-a"), ("runtime_handler", "crun")]
+            ),
+            Some("1795921202".into()),
+            "2026-11-29T03:00:00Z + 2 s"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_node_info",
+                &[
+                    ("kernel", "6.1.0-28-amd64"),
+                    ("node", "node-a"),
+                    ("selinux_mode", "enforcing")
+                ]
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_runtime_info",
+                &[
+                    ("node", "node-a"),
+                    ("runtime", "runc"),
+                    ("runtime_handler", "runc"),
+                    ("version", "1.1.5")
+                ]
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_build_info",
+                &[("node", "node-a"), ("version", env!("CARGO_PKG_VERSION"))]
+            )
+            .as_deref(),
+            Some("1")
+        );
+        // The handler's failure counters exist at 0 for every userns reason, never `unrelated`.
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_pod_userns_failures_total",
+                &[
+                    ("node", "node-a"),
+                    ("reason", "mqueue_setxattr"),
+                    ("runtime_handler", "runc")
+                ]
+            )
+            .as_deref(),
+            Some("0")
+        );
+        assert!(!text.contains(r#"reason="unrelated""#));
+    }
+
+    #[test]
+    fn runtime_upgrade_replaces_the_info_series_and_skip_removes_a_stale_check() {
+        let m = Metrics::new("n").unwrap();
+        let mut r = sample_report();
+        m.observe_selftest(&r);
+        r.handlers[1].version = "1.2.1".into();
+        r.handlers[0].checks[1].result = CheckOutcome::Skip;
+        r.node.kernel = "6.12.0".into();
+        m.observe_selftest(&r);
+        let text = m.render();
+        assert!(!text.contains(r#"version="1.1.5""#), "{text}");
+        assert!(text.contains(r#"version="1.2.1""#));
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-joined"),
+                    ("node", "n"),
+                    ("runtime_handler", "crun")
+                ]
+            ),
+            None
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_check_passed",
+                &[
+                    ("check", "userns-created"),
+                    ("node", "n"),
+                    ("runtime_handler", "crun")
+                ]
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert!(!text.contains("6.1.0-28-amd64"), "old node_info series removed");
+        assert_eq!(
+            sample(
+                &text,
+                "usernsguard_selftest_duration_seconds_count",
+                &[("node", "n"), ("runtime_handler", "runc")]
+            )
+            .as_deref(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn install_state_exports_every_state_with_exactly_one_set() {
+        let m = Metrics::new("n").unwrap();
+        m.set_install_state("crun", InstallState::Pending);
+        m.set_install_state("crun", InstallState::Installed);
+        let text = m.render();
+        for (state, want) in [("installed", "1"), ("pending", "0"), ("failed", "0")] {
+            let labels = [("node", "n"), ("runtime_handler", "crun"), ("state", state)];
+            let got = sample(&text, "usernsguard_runtime_install_state", &labels);
+            assert_eq!(got.as_deref(), Some(want), "{state}");
+        }
+    }
+
+    #[test]
+    fn failures_ignore_unrelated_and_zero_deltas_restarts_count_by_result() {
+        let m = Metrics::new("n").unwrap();
+        m.add_pod_failures("runc", Reason::Unrelated, 3);
+        m.add_pod_failures("runc", Reason::MqueueSetxattr, 0);
+        m.add_pod_failures("runc", Reason::MqueueSetxattr, 4);
+        m.inc_runtime_restart("containerd", RestartResult::Success);
+        m.inc_runtime_restart("containerd", RestartResult::Failure);
+        m.inc_runtime_restart("containerd", RestartResult::Success);
+        assert_eq!(m.pod_failures("runc", Reason::MqueueSetxattr), 4);
+        let text = m.render();
+        assert!(!text.contains("unrelated"));
+        let labels = [("node", "n"), ("result", "success"), ("runtime", "containerd")];
+        let got = sample(&text, "usernsguard_container_runtime_restarts_total", &labels);
+        assert_eq!(got.as_deref(), Some("2"));
+    }
+}
