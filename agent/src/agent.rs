@@ -33,6 +33,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use usernsguard_runtime::report::{Check, HandlerReport, SelfTestReport, Verdict};
 
+use usernsguard_agent::health::Health;
+use usernsguard_agent::metrics::Metrics;
+use usernsguard_agent::server;
+
 use crate::crd::{NodeReport, NodeReportStatus, RuntimeHandlerInfo, SelfTest, SelfTestResult};
 
 /// Field manager of every agent write.
@@ -121,6 +125,8 @@ pub struct Agent {
     report_applied: bool,
     /// (SelfTest, handler) pairs whose failure has been announced by an Event.
     announced: BTreeSet<(String, String)>,
+    /// Where each run's results go as `usernsguard_selftest_*` series.
+    metrics: Option<Metrics>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -149,7 +155,14 @@ impl Agent {
             published: None,
             report_applied: false,
             announced: BTreeSet::new(),
+            metrics: None,
         }
+    }
+
+    /// Also publish every run's results as metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// One reconcile of the whole node: run what is due, then publish what changed.
@@ -173,6 +186,9 @@ impl Agent {
         for st in &selected {
             if self.due_in(st).is_some_and(|d| d.is_zero()) {
                 let report = self.run(st).await?;
+                if let Some(m) = &self.metrics {
+                    m.observe_selftest(&report);
+                }
                 self.runs.insert(
                     st.name_any(),
                     Run {
@@ -577,24 +593,59 @@ pub struct AgentArgs {
     /// This node's name (downward API `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = server::DEFAULT_ADDR)]
+    pub listen: std::net::SocketAddr,
 }
 
-/// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`run`] forever.
-///
-/// Readiness is a `watch<bool>`; the HTTP server (`/healthz`, `/readyz`, `/metrics`) of the
-/// metrics module subscribes to it (see the report of this branch for the wiring).
+/// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`run`] and the HTTP endpoint
+/// until SIGTERM.
 pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
     crate::init_tracing();
+    let metrics = Metrics::new(&args.node_name)?;
+    let listener = server::bind(args.listen).await?;
     let client = Client::try_default()
         .await
         .context("no Kubernetes API configuration: expected the in-cluster service account or KUBECONFIG")?;
-    let (ready, _ready_rx) = watch::channel(false);
+    let (ready, ready_rx) = watch::channel(false);
     let agent = Agent::new(
         client,
         AgentConfig::new(&args.node_name),
         Arc::new(EngineNotWired),
-    );
-    run(agent, ready).await;
+    )
+    .with_metrics(metrics.clone());
+    tracing::info!(node = %args.node_name, listen = %args.listen, "agent starting");
+    serve_while(
+        listener,
+        metrics,
+        ready_rx,
+        run(agent, ready),
+        server::shutdown_signal(),
+    )
+    .await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` while `work` runs, until `shutdown`. `/healthz`
+/// answers as long as the process does; `/readyz` follows `ready` (a latch: set once).
+pub async fn serve_while(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    mut ready: watch::Receiver<bool>,
+    work: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let health = Health::new();
+    let latch = health.clone();
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            latch.mark_ready();
+        }
+    });
+    let served = server::serve(listener, metrics, health, shutdown);
+    tokio::select! {
+        r = served => r?,
+        () = work => anyhow::bail!("main loop ended"),
+    }
     Ok(())
 }
 
@@ -986,21 +1037,59 @@ mod tests {
 #[cfg(test)]
 mod loop_tests {
     use super::*;
-    use crate::api_fixtures::{mock_client, node_meta, unreachable_client, FakeRunner};
+    use crate::api_fixtures::{http_status, mock_client, node_meta, unreachable_client, FakeRunner};
     use http::{Method, StatusCode};
     use std::sync::Mutex;
 
+    /// The agent's process as `main` runs it (loop + HTTP endpoint), API server down.
     #[tokio::test]
-    async fn survives_an_unreachable_api_server_and_stays_not_ready() {
+    async fn survives_an_unreachable_api_server_serving_healthz_but_not_readyz() {
         let runner = FakeRunner::with([("runc", Verdict::Pass)]);
-        let agent = Agent::new(unreachable_client(), AgentConfig::new("n1"), runner.clone());
+        let metrics = Metrics::new("n1").unwrap();
+        let agent = Agent::new(unreachable_client(), AgentConfig::new("n1"), runner.clone())
+            .with_metrics(metrics.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run(agent, tx));
+        let process = tokio::spawn(serve_while(
+            listener,
+            metrics,
+            rx.clone(),
+            run(agent, tx),
+            std::future::pending(),
+        ));
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(!task.is_finished(), "the agent loop ended (crashed or returned)");
+        assert!(
+            !process.is_finished(),
+            "the agent process ended (crashed or returned)"
+        );
         assert!(!*rx.borrow(), "ready without ever reaching the API server");
+        assert_eq!(http_status(addr, "/healthz").await, 200);
+        assert_eq!(http_status(addr, "/readyz").await, 503);
         assert_eq!(runner.calls(), 0, "no SelfTest known yet: nothing to run");
-        task.abort();
+        process.abort();
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_loops_ready_signal() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let work = async move {
+            let _ = go_rx.await;
+            tx.send_replace(true);
+            std::future::pending::<()>().await
+        };
+        let metrics = Metrics::new("n1").unwrap();
+        let process = tokio::spawn(serve_while(listener, metrics, rx, work, std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(http_status(addr, "/readyz").await, 503);
+        go_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(http_status(addr, "/readyz").await, 200);
+        assert_eq!(http_status(addr, "/healthz").await, 200);
+        process.abort();
     }
 
     fn query_param<'a>(uri: &'a str, key: &str) -> Option<&'a str> {

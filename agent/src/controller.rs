@@ -579,11 +579,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn survives_an_unreachable_api_server_and_stays_not_ready() {
+    async fn survives_an_unreachable_api_server_serving_healthz_but_not_readyz() {
         let args = ControllerArgs {
             lease_namespace: "usernsguard-system".into(),
             lease_name: "usernsguard-controller".into(),
             identity: Some("replica-a".into()),
+            listen: "127.0.0.1:0".parse().unwrap(),
         };
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(main_loop(crate::api_fixtures::unreachable_client(), args, tx));
@@ -626,17 +627,29 @@ pub struct ControllerArgs {
     /// host name and process id.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = usernsguard_agent::server::DEFAULT_ADDR)]
+    pub listen: std::net::SocketAddr,
 }
 
 /// `usernsguard controller`: in-cluster config or KUBECONFIG, then [`main_loop`] forever.
 pub async fn main(args: ControllerArgs) -> anyhow::Result<()> {
+    use usernsguard_agent::{metrics::Metrics, server};
     crate::init_tracing();
+    // The `node` label of the controller's own series (build info) is its identity.
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let metrics = Metrics::new(&identity)?;
+    let listener = server::bind(args.listen).await?;
     let client = Client::try_default()
         .await
         .context("no Kubernetes API configuration: expected the in-cluster service account or KUBECONFIG")?;
-    let (ready, _ready_rx) = watch::channel(false);
-    main_loop(client, args, ready).await;
-    Ok(())
+    let (ready, ready_rx) = watch::channel(false);
+    let args = ControllerArgs {
+        identity: Some(identity),
+        ..args
+    };
+    let work = main_loop(client, args, ready);
+    crate::agent::serve_while(listener, metrics, ready_rx, work, server::shutdown_signal()).await
 }
 
 /// The controller process: leader election around [`run`]. `ready` latches once the Lease
