@@ -1099,6 +1099,117 @@ mod loop_tests {
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
     }
 
+    /// A fake API server for whole-loop tests: answers lists and watches (kept open for
+    /// their `timeoutSeconds`, no events) of SelfTests, the Node and pods, and NodeReport
+    /// applies; `write_failures` are the status codes the first NodeReport writes get.
+    async fn fake_api_server(
+        mut server: crate::api_fixtures::ApiServerVerifier,
+        log: Arc<Mutex<Vec<(Instant, Method, String)>>>,
+        st: SelfTest,
+        node: PartialObjectMeta<Node>,
+        pods: Vec<Value>,
+        mut write_failures: Vec<StatusCode>,
+    ) {
+        write_failures.reverse();
+        while let Some(seen) = server.next_unbounded().await {
+            log.lock()
+                .unwrap()
+                .push((Instant::now(), seen.method.clone(), seen.uri.clone()));
+            let path = seen.uri.split('?').next().unwrap().to_owned();
+            let watch = query_param(&seen.uri, "watch") == Some("true");
+            match (seen.method.clone(), path.as_str(), watch) {
+                (Method::GET, _, true) => {
+                    let secs: u64 = query_param(&seen.uri, "timeoutSeconds").unwrap().parse().unwrap();
+                    seen.watch_stream(vec![], Duration::from_secs(secs));
+                }
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "SelfTestList",
+                            "metadata": {"resourceVersion": "100"}, "items": [st]}),
+                ),
+                (Method::GET, "/api/v1/nodes", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                            "metadata": {"resourceVersion": "100"}, "items": [node]}),
+                ),
+                (Method::GET, "/api/v1/pods", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "PodList",
+                            "metadata": {"resourceVersion": "100"}, "items": pods}),
+                ),
+                (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1", _)
+                | (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1/status", _) => {
+                    if let Some(code) = write_failures.pop() {
+                        seen.fail(code, "Injected");
+                        continue;
+                    }
+                    let mut stored = seen.body.clone();
+                    stored["spec"] = json!({"nodeName": "n1"});
+                    seen.reply(StatusCode::OK, &stored);
+                }
+                (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events", _) => seen.echo(),
+                (m, p, _) => panic!("unexpected request {m} {p}"),
+            }
+        }
+    }
+
+    /// The API server answers the first NodeReport writes with 500, 409 and 500: the loop
+    /// retries with backoff, never re-runs the self-test, publishes the first run's result,
+    /// and turns ready only then.
+    #[tokio::test(start_paused = true)]
+    async fn loop_retries_failed_writes_with_backoff_and_publishes_the_kept_result() {
+        let runner = FakeRunner::with([("runc", Verdict::Fail)]);
+        let (client, server) = mock_client();
+        let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone());
+        let st = SelfTest::test().with_handlers(["runc"]);
+        // The label and the Event are already there (from before a restart): only the
+        // NodeReport is to be written.
+        let node = node_meta("n1", [("usernsguard.io/userns.runc", "fail")]);
+        let log: Arc<Mutex<Vec<(Instant, Method, String)>>> = Arc::default();
+        let failures = vec![
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::CONFLICT,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ];
+        let fake = tokio::spawn(fake_api_server(server, log.clone(), st, node, vec![], failures));
+        let (tx, mut rx) = watch::channel(false);
+        let started = Instant::now();
+        let task = tokio::spawn(run(agent, tx));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!*rx.borrow(), "not ready while the NodeReport write fails");
+        tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r))
+            .await
+            .expect("ready within 10 simulated minutes")
+            .unwrap();
+        let writes: Vec<(Duration, String)> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m, _)| *m == Method::PATCH)
+            .map(|(t, _, u)| (t.duration_since(started), u.split('?').next().unwrap().to_owned()))
+            .collect();
+        let report = "/apis/usernsguard.io/v1alpha1/nodereports/n1".to_owned();
+        let status = format!("{report}/status");
+        let paths: Vec<&str> = writes.iter().map(|(_, p)| p.as_str()).collect();
+        // object 500, object 409, object 500, object ok, status ok
+        assert_eq!(
+            paths,
+            vec![&report, &report, &report, &report, &status],
+            "{writes:?}"
+        );
+        // Backoff 1 s, 2 s, 4 s between the attempts.
+        let gaps: Vec<u64> = writes
+            .windows(2)
+            .take(3)
+            .map(|w| (w[1].0 - w[0].0).as_secs())
+            .collect();
+        assert_eq!(gaps, vec![1, 2, 4], "{writes:?}");
+        assert_eq!(runner.calls(), 1, "the result was kept, not re-run");
+        assert!(!task.is_finished());
+        task.abort();
+        fake.abort();
+    }
+
     /// One agent, one SelfTest (runc and crun, every 10 minutes), 110 pods on the node, no
     /// change for an hour: counts every request the fake API server receives. The server
     /// would answer pod lists too; this reconciler must never ask (the pod/event failure
@@ -1106,7 +1217,7 @@ mod loop_tests {
     #[tokio::test(start_paused = true)]
     async fn an_hour_of_steady_state_costs_only_watch_renewals() {
         let runner = FakeRunner::with([("runc", Verdict::Pass), ("crun", Verdict::Pass)]);
-        let (client, mut server) = mock_client();
+        let (client, server) = mock_client();
         let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone());
         let mut st = SelfTest::test().interval("10m");
         st.metadata.resource_version = Some("90".into());
@@ -1121,48 +1232,13 @@ mod loop_tests {
             .map(|i| json!({"metadata": {"name": format!("pod-{i}"), "namespace": "default"}, "spec": {"nodeName": "n1"}}))
             .collect();
         let log: Arc<Mutex<Vec<(Instant, Method, String)>>> = Arc::default();
-        let server_log = log.clone();
-        let fake = tokio::spawn(async move {
-            while let Some(seen) = server.next_unbounded().await {
-                server_log
-                    .lock()
-                    .unwrap()
-                    .push((Instant::now(), seen.method.clone(), seen.uri.clone()));
-                let path = seen.uri.split('?').next().unwrap().to_owned();
-                let watch = query_param(&seen.uri, "watch") == Some("true");
-                match (seen.method.clone(), path.as_str(), watch) {
-                    (Method::GET, _, true) => {
-                        let secs: u64 = query_param(&seen.uri, "timeoutSeconds").unwrap().parse().unwrap();
-                        seen.watch_stream(vec![], Duration::from_secs(secs));
-                    }
-                    (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => seen.reply(
-                        StatusCode::OK,
-                        &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "SelfTestList",
-                                "metadata": {"resourceVersion": "100"}, "items": [st]}),
-                    ),
-                    (Method::GET, "/api/v1/nodes", false) => seen.reply(
-                        StatusCode::OK,
-                        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-                                "metadata": {"resourceVersion": "100"}, "items": [node]}),
-                    ),
-                    (Method::GET, "/api/v1/pods", false) => seen.reply(
-                        StatusCode::OK,
-                        &json!({"apiVersion": "v1", "kind": "PodList",
-                                "metadata": {"resourceVersion": "100"}, "items": pods}),
-                    ),
-                    (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1", _)
-                    | (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1/status", _) => {
-                        let mut stored = seen.body.clone();
-                        stored["spec"] = json!({"nodeName": "n1"});
-                        seen.reply(StatusCode::OK, &stored);
-                    }
-                    (m, p, _) => panic!("unexpected request {m} {p}"),
-                }
-            }
-        });
+        let fake = tokio::spawn(fake_api_server(server, log.clone(), st, node, pods, vec![]));
         let (tx, mut rx) = watch::channel(false);
         let task = tokio::spawn(run(agent, tx));
-        rx.wait_for(|r| *r).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r))
+            .await
+            .expect("ready within 10 simulated minutes")
+            .unwrap();
         let startup = log.lock().unwrap().len();
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(3600)).await;
