@@ -597,6 +597,102 @@ mod tests {
         task.abort();
     }
 
+    fn query_param<'a>(uri: &'a str, key: &str) -> Option<&'a str> {
+        uri.split_once('?')?
+            .1
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    fn with_types(mut v: Value, kind: &str) -> Value {
+        v["apiVersion"] = json!("usernsguard.io/v1alpha1");
+        v["kind"] = json!(kind);
+        v["metadata"]["resourceVersion"] = json!("101");
+        v
+    }
+
+    /// The controllers as `run` wires them, for a simulated hour: a NodeReport arriving by
+    /// watch re-aggregates the SelfTest; nothing is listed again and nothing requeues.
+    #[tokio::test(start_paused = true)]
+    async fn node_report_watch_event_updates_selftest_status_without_relisting() {
+        let (client, mut server) = mock_client();
+        let st = with_types(serde_json::to_value(SelfTest::test()).unwrap(), "SelfTest");
+        let n1 = with_types(
+            serde_json::to_value(NodeReport::test("n1", &[("default", "runc", 1, Verdict::Pass)])).unwrap(),
+            "NodeReport",
+        );
+        let n2 = with_types(
+            serde_json::to_value(NodeReport::test("n2", &[("default", "runc", 1, Verdict::Fail)])).unwrap(),
+            "NodeReport",
+        );
+        let log: Arc<std::sync::Mutex<Vec<(Method, String)>>> = Arc::default();
+        let statuses: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+        let (log2, statuses2) = (log.clone(), statuses.clone());
+        let fake = tokio::spawn(async move {
+            let mut report_watches = 0;
+            while let Some(seen) = server.next_unbounded().await {
+                log2.lock().unwrap().push((seen.method.clone(), seen.uri.clone()));
+                let path = seen.uri.split('?').next().unwrap().to_owned();
+                let watch = query_param(&seen.uri, "watch") == Some("true");
+                let list = |kind: &str, items: Vec<Value>| json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "100"}, "items": items});
+                let open = Duration::from_secs(290);
+                match (seen.method.clone(), path.as_str(), watch) {
+                    (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports", true) => {
+                        report_watches += 1;
+                        // The second watch (after the first closes at 290 s) brings n2.
+                        let events = if report_watches == 2 {
+                            vec![json!({"type": "ADDED", "object": n2})]
+                        } else {
+                            vec![]
+                        };
+                        seen.watch_stream(events, open);
+                    }
+                    (Method::GET, _, true) => seen.watch_stream(vec![], open),
+                    (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => {
+                        seen.reply(StatusCode::OK, &list("SelfTestList", vec![st.clone()]))
+                    }
+                    (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports", false) => {
+                        seen.reply(StatusCode::OK, &list("NodeReportList", vec![n1.clone()]))
+                    }
+                    (Method::GET, "/apis/usernsguard.io/v1alpha1/runtimeprofiles", false) => {
+                        seen.reply(StatusCode::OK, &list("RuntimeProfileList", vec![]))
+                    }
+                    (Method::GET, "/apis/node.k8s.io/v1/runtimeclasses", false) => {
+                        seen.reply(StatusCode::OK, &list("RuntimeClassList", vec![]))
+                    }
+                    (Method::PATCH, "/apis/usernsguard.io/v1alpha1/selftests/default/status", _) => {
+                        assert_eq!(seen.content_type.as_deref(), APPLY);
+                        statuses2.lock().unwrap().push(seen.body["status"].clone());
+                        let mut stored = st.clone();
+                        stored["status"] = seen.body["status"].clone();
+                        seen.reply(StatusCode::OK, &stored);
+                    }
+                    (m, p, _) => panic!("unexpected request {m} {p}"),
+                }
+            }
+        });
+        let controllers = tokio::spawn(run(client));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+
+        let statuses = statuses.lock().unwrap().clone();
+        assert_eq!(statuses.len(), 2, "{statuses:?}");
+        assert_eq!(counts(&statuses[0]["nodes"]), (1, 1, 0, 0));
+        assert_eq!(counts(&statuses[1]["nodes"]), (2, 1, 1, 0), "n2 arrived by watch");
+        let log = log.lock().unwrap();
+        let lists: Vec<_> = log
+            .iter()
+            .filter(|(m, u)| *m == Method::GET && query_param(u, "watch") != Some("true"))
+            .collect();
+        assert_eq!(
+            lists.len(),
+            4,
+            "one initial list per watched kind, never again: {lists:?}"
+        );
+        assert!(!controllers.is_finished());
+        controllers.abort();
+        fake.abort();
+    }
+
     #[test]
     fn runtime_class_follows_profile_options() {
         let mut p = RuntimeProfile::test();
