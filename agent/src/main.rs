@@ -1,17 +1,30 @@
 //! `usernsguard`: node agent, controller and operator CLI.
-
-use clap::{Parser, Subcommand};
+//!
+//! One binary, one subcommand per role (DESIGN.md fixes the names). Each subcommand lives
+//! in its own module; this file only parses the command line and dispatches.
+//!
+//! `main` is synchronous on purpose: the hidden probe-payload subcommand runs inside probe
+//! containers and must not start threads, and `selftest` needs none. Subcommands that talk
+//! to Kubernetes build their own tokio runtime.
 
 mod agent;
 #[cfg(test)]
 mod api_fixtures;
+mod classify_cmd;
 mod controller;
 mod crd;
 mod crdgen;
 mod leader;
+mod selftest_cmd;
 
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Proves, by running real probe containers, whether `hostUsers: false` pods work on a node,
+/// and publishes the verdict.
 #[derive(Debug, Parser)]
-#[command(name = "usernsguard", version, about)]
+#[command(name = "usernsguard", version, about, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,14 +38,47 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Cluster controller (Deployment, leader-elected): SelfTest status and RuntimeClasses.
     Controller(controller::ControllerArgs),
+    /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
+    Selftest(selftest_cmd::SelftestArgs),
+    /// Read pod failure messages from stdin, one per line, and print one reason code per line.
+    Classify(classify_cmd::ClassifyArgs),
+    /// Runs inside a probe container and reports what it sees (internal).
+    #[command(name = "__probe-payload", hide = true)]
+    ProbePayload {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds(args) => crdgen::run(&args, &mut std::io::stdout().lock()),
-        Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::main(args)),
-        Command::Controller(args) => tokio::runtime::Runtime::new()?.block_on(controller::main(args)),
+        Command::ProbePayload { args } => exit(usernsguard_runtime::probe::payload::main(&args)),
+        Command::Crds(args) => report(crdgen::run(&args, &mut std::io::stdout().lock())),
+        Command::Agent(args) => report(tokio_main(agent::main(args))),
+        Command::Controller(args) => report(tokio_main(controller::main(args))),
+        Command::Selftest(args) => selftest_cmd::run(args),
+        Command::Classify(args) => report(classify_cmd::run(&args)),
+    }
+}
+
+/// Runs a Kubernetes-facing subcommand on a multi-threaded tokio runtime.
+fn tokio_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(fut)
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The binary's edge: an error is printed with its whole cause chain, and exits 1.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usernsguard: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -107,8 +107,10 @@ pub async fn shutdown_signal() {
 /// `usernsguard selftest --serve ADDR --interval DURATION`: runs `run` now and then every
 /// `interval`, publishes each report through [`Metrics::observe_selftest`], and serves the
 /// endpoint on `listener` until `shutdown` completes. `/readyz` turns ready after the first
-/// run. `run` executes on a blocking thread: probes spawn processes and wait for them.
-pub async fn serve_selftest_loop<F>(
+/// successful run. A failed run is logged and leaves the previous values in place, so
+/// `usernsguard_selftest_last_run_timestamp_seconds` going stale is what alerts on it. `run`
+/// executes on a blocking thread: probes spawn processes and wait for them.
+pub async fn serve_selftest_loop<F, E>(
     listener: TcpListener,
     metrics: Metrics,
     interval: Duration,
@@ -116,7 +118,8 @@ pub async fn serve_selftest_loop<F>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError>
 where
-    F: FnMut() -> SelfTestReport + Send + 'static,
+    F: FnMut() -> Result<SelfTestReport, E> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let health = Health::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -138,8 +141,13 @@ where
             _ = &mut shutdown => break Ok(()),
         };
         run = returned;
-        metrics.observe_selftest(&report);
-        health.mark_ready();
+        match report {
+            Ok(report) => {
+                metrics.observe_selftest(&report);
+                health.mark_ready();
+            }
+            Err(e) => tracing::error!(error = %e, "self-test run failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = &mut shutdown => break Ok(()),
@@ -154,9 +162,10 @@ where
 
 /// Convenience for the `selftest --serve` command: binds `addr`, labels every series with
 /// this host's name, and runs until SIGTERM or Ctrl-C.
-pub async fn run_selftest_server<F>(addr: SocketAddr, interval: Duration, run: F) -> anyhow::Result<()>
+pub async fn run_selftest_server<F, E>(addr: SocketAddr, interval: Duration, run: F) -> anyhow::Result<()>
 where
-    F: FnMut() -> SelfTestReport + Send + 'static,
+    F: FnMut() -> Result<SelfTestReport, E> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let metrics = Metrics::new(&hostname())?;
     let listener = bind(addr).await?;

@@ -85,7 +85,7 @@ struct PodInfo {
 #[derive(Debug)]
 struct EventInfo {
     occurrences: u64,
-    /// Index into [`FAILURE_EVENT_REASONS`] of the watch that delivers it: relists sweep
+    /// Index into [`WatchConfig::event_reasons`] of the watch that delivers it: relists sweep
     /// only their own events.
     source: u8,
 }
@@ -181,7 +181,7 @@ impl FailureCounter {
     }
 
     /// Applies one Warning event from the watch of failure reason `source`
-    /// (index into [`FAILURE_EVENT_REASONS`]). Returns the new occurrences to count, if any.
+    /// (index into [`WatchConfig::event_reasons`]). Returns the new occurrences to count, if any.
     pub fn apply_from(&mut self, source: u8, ev: &Event, now: Timestamp) -> Option<Failure> {
         if ev.involved_object.kind.as_deref() != Some("Pod") {
             return None;
@@ -411,6 +411,24 @@ pub struct WatchConfig {
     pub classify: Classifier,
     /// When this agent process started: the baseline boundary.
     pub agent_start: Timestamp,
+    /// Event reasons to watch, one watch each; normally [`FAILURE_EVENT_REASONS`]. Every
+    /// agent receives these events for the whole cluster (there is no node field selector
+    /// for events), so very large clusters may drop the busy `Failed` reason and keep
+    /// `FailedCreatePodSandBox`, where the runc mqueue failure lands.
+    pub event_reasons: Vec<String>,
+}
+
+impl WatchConfig {
+    /// The defaults for a node: containerd's default handler, every failure reason.
+    pub fn new(node_name: impl Into<String>, classify: Classifier) -> WatchConfig {
+        WatchConfig {
+            node_name: node_name.into(),
+            default_handler: DEFAULT_HANDLER.into(),
+            classify,
+            agent_start: Timestamp::now(),
+            event_reasons: FAILURE_EVENT_REASONS.map(String::from).to_vec(),
+        }
+    }
 }
 
 impl std::fmt::Debug for WatchConfig {
@@ -419,6 +437,7 @@ impl std::fmt::Debug for WatchConfig {
             .field("node_name", &self.node_name)
             .field("default_handler", &self.default_handler)
             .field("agent_start", &self.agent_start)
+            .field("event_reasons", &self.event_reasons)
             .finish()
     }
 }
@@ -427,6 +446,8 @@ impl std::fmt::Debug for WatchConfig {
 pub enum WatchError {
     #[error("the RuntimeClass watch ended before its first sync")]
     RuntimeClassesNeverSynced,
+    #[error("no event reason to watch: expected at least one of {FAILURE_EVENT_REASONS:?}")]
+    NoEventReasons,
     #[error("the pod and event watch streams ended")]
     StreamsEnded,
 }
@@ -456,6 +477,9 @@ pub async fn run(
     metrics: Metrics,
     health: Health,
 ) -> Result<(), WatchError> {
+    if cfg.event_reasons.is_empty() {
+        return Err(WatchError::NoEventReasons);
+    }
     let mut counter = FailureCounter::new(
         cfg.node_name.clone(),
         cfg.agent_start,
@@ -499,7 +523,7 @@ pub async fn run(
         classes.map(|r| r.map(|e| Input::Class(Box::new(e)))).boxed(),
         pods,
     ];
-    for (i, reason) in FAILURE_EVENT_REASONS.iter().enumerate() {
+    for (i, reason) in cfg.event_reasons.iter().take(usize::from(u8::MAX)).enumerate() {
         let source = i as u8;
         inputs.push(
             watcher(
@@ -566,7 +590,7 @@ pub async fn run(
                 watcher::Event::Delete(e) => counter.delete_event(&e),
             },
         }
-        if pods_synced && events_synced.len() == FAILURE_EVENT_REASONS.len() {
+        if pods_synced && events_synced.len() == cfg.event_reasons.len() {
             health.mark_ready();
         }
     }
@@ -763,10 +787,8 @@ mod tests {
 
     fn watch_config(start: &str) -> WatchConfig {
         WatchConfig {
-            node_name: "node-a".into(),
-            default_handler: DEFAULT_HANDLER.into(),
-            classify: real_classifier(),
             agent_start: ts(start),
+            ..WatchConfig::new("node-a", real_classifier())
         }
     }
 
@@ -941,5 +963,57 @@ mod tests {
             .sum();
         assert_eq!(total, 1, "the unrelated CNI failure adds 0");
         assert_eq!(metrics.pod_starts("crun"), 0);
+    }
+
+    /// A reduced reason list opens only those watches (any other request fails the fake
+    /// server) and readiness waits for exactly them.
+    #[tokio::test]
+    async fn configured_event_reasons_bound_the_event_watches() {
+        let pod = PodFixture::userns("pod-1");
+        let ev = EventFixture::sandbox("ev-1", "pod-1", MQUEUE_MESSAGE).count(2);
+        let scripts = vec![
+            (
+                Watched::runtime_classes(),
+                vec![Reply::List {
+                    rv: "1",
+                    items: vec![],
+                }],
+            ),
+            (
+                Watched::pods("node-a"),
+                vec![Reply::List {
+                    rv: "1",
+                    items: vec![pod.json()],
+                }],
+            ),
+            (
+                Watched::events("FailedCreatePodSandBox"),
+                vec![Reply::List {
+                    rv: "1",
+                    items: vec![ev.json()],
+                }],
+            ),
+        ];
+        let (client, mut verifier) = ApiServerVerifier::start(scripts);
+        let metrics = Metrics::new("node-a").unwrap();
+        let health = Health::new();
+        let cfg = WatchConfig {
+            agent_start: ts(T0),
+            event_reasons: vec!["FailedCreatePodSandBox".into()],
+            ..WatchConfig::new("node-a", real_classifier())
+        };
+        let task = tokio::spawn(run(client, cfg, metrics.clone(), health.clone()));
+        verifier.wait_parked(3, Duration::from_secs(10)).await;
+        task.abort();
+        assert_eq!(metrics.pod_failures("runc", Reason::MqueueSetxattr), 2);
+        assert!(health.is_ready());
+
+        let (client, _verifier) = ApiServerVerifier::start(vec![]);
+        let cfg = WatchConfig {
+            event_reasons: vec![],
+            ..WatchConfig::new("node-a", real_classifier())
+        };
+        let err = run(client, cfg, metrics, Health::new()).await.unwrap_err();
+        assert!(err.to_string().contains("FailedCreatePodSandBox"), "{err}");
     }
 }

@@ -132,7 +132,7 @@ async fn start_selftest_server(
             first = false;
             let _ = release_rx.recv_timeout(Duration::from_secs(30));
         }
-        report()
+        Ok::<_, std::convert::Infallible>(report())
     };
     tokio::spawn(server::serve_selftest_loop(
         listener,
@@ -310,4 +310,54 @@ async fn real_prometheus_scrapes_the_selftest_series() {
     assert_eq!(value("runc", "userns-joined"), "0");
     drop(prom);
     let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn failed_selftest_run_keeps_readyz_unready_until_a_run_succeeds() {
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (called_tx, called_rx) = std::sync::mpsc::channel::<usize>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut calls = 0;
+    let run = move || {
+        calls += 1;
+        let _ = called_tx.send(calls);
+        if calls == 1 {
+            return Err("no runtime to test: neither runc nor crun is on PATH".to_owned());
+        }
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+        Ok(report())
+    };
+    let metrics = Metrics::new("node-a").unwrap();
+    tokio::spawn(server::serve_selftest_loop(
+        listener,
+        metrics,
+        Duration::from_millis(50),
+        run,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let second = tokio::task::spawn_blocking(move || {
+        let first = called_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let second = called_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        (first, second)
+    })
+    .await
+    .unwrap();
+    assert_eq!(second, (1, 2), "the loop goes on after a failed run");
+    assert_eq!(get(addr, "/readyz").await.unwrap().status, 503);
+    let scrape = get(addr, "/metrics").await.unwrap();
+    assert!(
+        !scrape.body.contains("usernsguard_selftest_check_passed{"),
+        "{}",
+        scrape.body
+    );
+    release_tx.send(()).unwrap();
+    poll("/readyz to turn 200", Duration::from_secs(10), || async {
+        (get(addr, "/readyz").await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    let _ = stop_tx.send(());
 }

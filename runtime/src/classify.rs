@@ -64,6 +64,8 @@ enum Fact {
     Subid,
     /// A statement that ids ran out.
     IdsExhausted,
+    /// "is out of range": about ids only next to a user-namespace mention.
+    OutOfRange,
     /// An SELinux AVC denial record.
     Avc,
     Selinux,
@@ -139,12 +141,12 @@ const PHRASES: &[Phrase] = &[
     p("mount proc", Fact::ProcMount),
     p("mount -t proc", Fact::ProcMount),
     p("proc to /proc", Fact::ProcMount),
-    w("procfs", Fact::ProcMount),
     w("idmap", Fact::Idmap),
     p("id-mapped", Fact::Idmap),
     p("id mapped", Fact::Idmap),
     p("mount_attr_idmap", Fact::Idmap),
     p("create mapped mount", Fact::Idmap),
+    p("cannot be mapped to a host id", Fact::Idmap),
     p("mount_setattr", Fact::MountSetattr),
     p("mount_attr_rdonly", Fact::RecursiveRo),
     w("rro", Fact::RecursiveRo),
@@ -175,8 +177,10 @@ const PHRASES: &[Phrase] = &[
     p("newuidmap", Fact::Subid),
     p("newgidmap", Fact::Subid),
     p("unused ids", Fact::Subid),
+    p("enough available ids", Fact::Subid),
     p("slot to allocate a user namespace", Fact::IdsExhausted),
     p("assigned ids are not enough", Fact::IdsExhausted),
+    p("is out of range", Fact::OutOfRange),
     p("avc: denied", Fact::Avc),
     p("avc:denied", Fact::Avc),
     p("type=avc", Fact::Avc),
@@ -207,50 +211,64 @@ pub fn classify(message: &str) -> Reason {
 /// Classifies one failure message given as raw bytes, for input that need not be UTF-8
 /// (a runtime's stderr, a line of `kubectl` output cut mid-character).
 pub fn classify_bytes(line: &[u8]) -> Reason {
-    decide(facts(&normalise(line)))
+    // Typical messages are a few hundred bytes: normalise them on the stack so the hot
+    // path does no allocation; only long lines pay for a heap buffer.
+    let mut stack = [0u8; STACK_BUF];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if line.len() <= STACK_BUF {
+        &mut stack[..line.len()]
+    } else {
+        heap.resize(line.len(), 0);
+        &mut heap
+    };
+    let len = normalise_into(line, buf);
+    decide(facts(&buf[..len]))
 }
 
-/// What each input byte becomes in the normalised text.
-#[derive(Clone, Copy)]
-enum Norm {
-    Keep(u8),
-    Drop,
-    Space,
-}
+const STACK_BUF: usize = 2048;
 
-static NORM: [Norm; 256] = {
-    let mut table = [Norm::Drop; 256];
+/// What each input byte becomes in the normalised text: 0 drops it (quoting, and NUL,
+/// which no phrase contains), whitespace becomes a space, ASCII letters lose their case.
+static NORM: [u8; 256] = {
+    let mut table = [0u8; 256];
     let mut b = 0usize;
     while b < 256 {
         let byte = b as u8;
         table[b] = match byte {
-            b'"' | b'\'' | b'`' | b'\\' => Norm::Drop,
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => Norm::Space,
-            _ => Norm::Keep(byte.to_ascii_lowercase()),
+            b'"' | b'\'' | b'`' | b'\\' | 0 => 0,
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => b' ',
+            _ => byte.to_ascii_lowercase(),
         };
         b += 1;
     }
     table
 };
 
-fn normalise(line: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(line.len());
-    let mut last_space = true;
+/// Writes the normalised form of `line` into `out` (at least as long as `line`) and
+/// returns its length. Branch-free per byte: every byte is stored, and the write cursor
+/// only advances past bytes that are kept, so runs of whitespace collapse to one space.
+fn normalise_into(line: &[u8], out: &mut [u8]) -> usize {
+    debug_assert!(out.len() >= line.len());
+    let mut len = 0usize;
+    let mut prev = b' ';
     for &byte in line {
-        match NORM[byte as usize] {
-            Norm::Keep(b) => {
-                out.push(b);
-                last_space = false;
-            }
-            Norm::Space => {
-                if !last_space {
-                    out.push(b' ');
-                    last_space = true;
-                }
-            }
-            Norm::Drop => {}
+        let mapped = NORM[byte as usize];
+        // In bounds: `len` never exceeds the number of bytes read so far.
+        out[len] = mapped;
+        let keep = (mapped != 0) & !((mapped == b' ') & (prev == b' '));
+        len += usize::from(keep);
+        if keep {
+            prev = mapped;
         }
     }
+    len
+}
+
+#[cfg(test)]
+fn normalise(line: &[u8]) -> Vec<u8> {
+    let mut out = vec![0; line.len()];
+    let len = normalise_into(line, &mut out);
+    out.truncate(len);
     out
 }
 
@@ -287,7 +305,8 @@ fn decide(set: u64) -> Reason {
     if idmap {
         return Reason::IdmapUnsupported;
     }
-    if has(Fact::Subid) || has(Fact::IdsExhausted) {
+    // The kubelet's id pool (or /etc/subuid behind it) cannot give the pod a range.
+    if has(Fact::Subid) || has(Fact::IdsExhausted) || (has(Fact::Userns) && has(Fact::OutOfRange)) {
         return Reason::SubidUnavailable;
     }
     if has(Fact::Userns) && has(Fact::Unsupported) {
@@ -303,7 +322,11 @@ fn decide(set: u64) -> Reason {
     if has(Fact::ProcMount) && eperm {
         return Reason::ProcMountEperm;
     }
-    if has(Fact::Avc) || (has(Fact::Selinux) && has(Fact::Userns) && denied) {
+    // An SELinux denial counts only when the text ties it to user namespaces (AVCs on
+    // tclass=user_namespace / cap_userns, or naming mqueue or idmapped mounts); any other
+    // AVC is an ordinary policy problem of the pod, like a plain "permission denied".
+    let userns_context = has(Fact::Userns) || has(Fact::Mqueue) || idmap;
+    if (has(Fact::Avc) || (has(Fact::Selinux) && denied)) && userns_context {
         return Reason::SelinuxDenied;
     }
     // A fresh mqueue mount fails when the IPC namespace is not owned by the container's
@@ -375,6 +398,46 @@ mod tests {
         let thread_self = r#"error mounting "mqueue" to rootfs at "/dev/mqueue": setxattr /proc/thread-self/fd/7: operation not permitted"#;
         assert_eq!(classify(rootfs), Reason::MqueueSetxattr);
         assert_eq!(classify(thread_self), Reason::MqueueSetxattr);
+    }
+
+    #[test]
+    fn runc_mounting_through_procfs_is_not_a_procfs_mount() {
+        // runc names its mount helper "mount through procfs" for every mount type.
+        let devpts = r#"mounting "devpts" to rootfs at "/dev/pts" caused: mount through procfs: operation not permitted"#;
+        assert_eq!(classify(devpts), Reason::Unrelated);
+    }
+
+    #[test]
+    fn recursive_read_only_mount_setattr_is_not_an_idmap_failure() {
+        let rro = "failed to set MOUNT_ATTR_RDONLY with mount_setattr: invalid argument";
+        assert_eq!(classify(rro), Reason::Unrelated);
+    }
+
+    #[test]
+    fn selinux_denials_count_only_with_a_user_namespace_context() {
+        let keyring = "type=AVC msg=audit(1555611120.741:866): avc:  denied  { create } for  pid=10790 comm=\"runc:[2:INIT]\" tclass=key permissive=0";
+        assert_eq!(classify(keyring), Reason::Unrelated);
+        let userns = "type=AVC msg=audit(1.2:3): avc:  denied  { create } for  pid=1 comm=\"exe\" tclass=user_namespace permissive=0";
+        assert_eq!(classify(userns), Reason::SelinuxDenied);
+    }
+
+    /// Neither reason has a runtime error message of its own (the runtime succeeds and the
+    /// container is wrong), so they come from probe observations worded like these.
+    #[test]
+    fn probe_observations_of_silent_failures() {
+        assert_eq!(
+            classify("/dev/mqueue is owned by uid 65534 (the overflow uid), expected 0"),
+            Reason::MqueueOwnerUnmapped
+        );
+        assert_eq!(
+            classify("idmap mount option silently ignored: /mnt/probe shows host owner 1000"),
+            Reason::IdmapIgnored
+        );
+        // The overflow uid on its own is not about mqueue.
+        assert_eq!(
+            classify("chown 65534:65534 /data: operation not permitted"),
+            Reason::Unrelated
+        );
     }
 
     #[test]

@@ -109,6 +109,17 @@ pub enum CgroupMode {
     Unknown,
 }
 
+impl CgroupMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CgroupMode::V1 => "v1",
+            CgroupMode::Hybrid => "hybrid",
+            CgroupMode::V2 => "v2",
+            CgroupMode::Unknown => "unknown",
+        }
+    }
+}
+
 /// Idmapped-mount support of one directory's filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -5,10 +5,16 @@
 //! The crate has no kube dependency so that `usernsguard selftest` on a plain containerd
 //! host and the in-cluster agent run exactly the same code.
 
+pub mod bundle;
 pub mod classify;
+pub mod discover;
 pub mod facts;
+pub mod probe;
+pub mod process;
 pub mod reason;
 pub mod report;
+pub mod selftest;
+pub mod userns;
 
 pub use facts::{NodeFacts, SelinuxFacts, SelinuxMode};
 pub use reason::Reason;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages usernsguard's build, self-test and test suite need.
+# Usage: scripts/install-deps.sh [selftest|all]   (default: all)
+set -euo pipefail
+
+what="${1:-all}"
+runtime_pkgs=(runc crun)
+build_pkgs=(pkg-config libselinux1-dev libclang-dev)
+test_pkgs=(
+  containerd containernetworking-plugins busybox-static iproute2 jq
+  prometheus            # promtool and a real server for the scrape test
+  python3-venv          # offline CRD/example validation
+  qemu-system-x86 policycoreutils secilc cpio zstd xz-utils   # SELinux qemu lane
+)
+
+case "$what" in
+  selftest) pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}") ;;
+  all) pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" "${test_pkgs[@]}") ;;
+  *) echo "usage: $0 [selftest|all]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
