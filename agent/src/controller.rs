@@ -41,6 +41,9 @@ use crate::crd::{HandlerNodeCounts, NodeCounts, NodeReport, RuntimeProfile, Self
 /// Field manager of every controller write.
 pub const FIELD_MANAGER: &str = "usernsguard-controller";
 
+/// Quiet period before a SelfTest is re-aggregated after a NodeReport change.
+pub const STATUS_DEBOUNCE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("API request failed: {0}")]
@@ -348,6 +351,9 @@ pub async fn run(client: Client) {
     let selftests = Controller::new(Api::<SelfTest>::all(client.clone()), watcher::Config::default());
     let st_store = selftests.store();
     let selftests = selftests
+        // A new generation makes every node report within the same minute; debouncing folds
+        // that burst into a few status writes per SelfTest instead of one per NodeReport.
+        .with_config(kube::runtime::controller::Config::default().debounce(STATUS_DEBOUNCE))
         // Any NodeReport change may move any SelfTest's counts (a node that stopped being
         // selected disappears from the report, so the new object alone cannot say which
         // SelfTests it left): re-queue all of them; the queue de-duplicates.
