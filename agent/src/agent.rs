@@ -36,6 +36,7 @@ use usernsguard_runtime::report::{Check, HandlerReport, SelfTestReport, Verdict}
 use usernsguard_agent::health::Health;
 use usernsguard_agent::metrics::Metrics;
 use usernsguard_agent::server;
+use usernsguard_agent::watch::WatchConfig;
 
 use crate::crd::{NodeReport, NodeReportStatus, RuntimeHandlerInfo, SelfTest, SelfTestResult};
 
@@ -598,8 +599,8 @@ pub struct AgentArgs {
     pub listen: std::net::SocketAddr,
 }
 
-/// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`run`] and the HTTP endpoint
-/// until SIGTERM.
+/// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`run_all`] and the HTTP
+/// endpoint until SIGTERM.
 pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
     crate::init_tracing();
     let metrics = Metrics::new(&args.node_name)?;
@@ -614,15 +615,38 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
         Arc::new(EngineNotWired),
     )
     .with_metrics(metrics.clone());
+    let watches = WatchConfig::new(&args.node_name, Arc::new(usernsguard_runtime::classify::classify));
     tracing::info!(node = %args.node_name, listen = %args.listen, "agent starting");
-    serve_while(
-        listener,
-        metrics,
-        ready_rx,
-        run(agent, ready),
-        server::shutdown_signal(),
-    )
-    .await
+    let work = run_all(agent, watches, metrics.clone(), ready);
+    serve_while(listener, metrics, ready_rx, work, server::shutdown_signal()).await
+}
+
+/// The whole agent minus HTTP: the SelfTest reconciler ([`run`]) and the pod/event failure
+/// watches (`watch::run`). `ready` latches once both completed their first sync. Returns
+/// only if the failure watches give up (the caller exits and the kubelet restarts the pod).
+pub async fn run_all(agent: Agent, watches: WatchConfig, metrics: Metrics, ready: watch::Sender<bool>) {
+    let client = agent.client.clone();
+    let watch_health = Health::new();
+    let (reconciler_ready, mut reconciler_ready_rx) = watch::channel(false);
+    let latch = {
+        let watch_health = watch_health.clone();
+        async move {
+            let _ = reconciler_ready_rx.wait_for(|r| *r).await;
+            // `Health` has no notification; its latch flips once, so polling ends quickly.
+            while !watch_health.is_ready() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ready.send_replace(true);
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        () = run(agent, reconciler_ready) => {}
+        r = usernsguard_agent::watch::run(client, watches, metrics, watch_health) => {
+            tracing::error!(result = ?r, "pod/event failure watches ended");
+        }
+        () = latch => {}
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` while `work` runs, until `shutdown`. `/healthz`
@@ -1051,11 +1075,12 @@ mod loop_tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
+        let watches = WatchConfig::new("n1", Arc::new(usernsguard_runtime::classify::classify));
         let process = tokio::spawn(serve_while(
             listener,
-            metrics,
+            metrics.clone(),
             rx.clone(),
-            run(agent, tx),
+            run_all(agent, watches, metrics, tx),
             std::future::pending(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1131,6 +1156,16 @@ mod loop_tests {
                     StatusCode::OK,
                     &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
                             "metadata": {"resourceVersion": "100"}, "items": [node]}),
+                ),
+                (Method::GET, "/api/v1/events", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "EventList",
+                            "metadata": {"resourceVersion": "100"}, "items": []}),
+                ),
+                (Method::GET, "/apis/node.k8s.io/v1/runtimeclasses", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClassList",
+                            "metadata": {"resourceVersion": "100"}, "items": []}),
                 ),
                 (Method::GET, "/api/v1/pods", false) => seen.reply(
                     StatusCode::OK,
@@ -1210,10 +1245,9 @@ mod loop_tests {
         fake.abort();
     }
 
-    /// One agent, one SelfTest (runc and crun, every 10 minutes), 110 pods on the node, no
-    /// change for an hour: counts every request the fake API server receives. The server
-    /// would answer pod lists too; this reconciler must never ask (the pod/event failure
-    /// watches of `watch.rs` are separate and not part of this count).
+    /// The whole agent (SelfTest reconciler and pod/event failure watches), one SelfTest
+    /// (runc and crun, every 10 minutes), 110 running pods on the node, no change for an
+    /// hour: counts every request the fake API server receives.
     #[tokio::test(start_paused = true)]
     async fn an_hour_of_steady_state_costs_only_watch_renewals() {
         let runner = FakeRunner::with([("runc", Verdict::Pass), ("crun", Verdict::Pass)]);
@@ -1229,12 +1263,19 @@ mod loop_tests {
             ],
         );
         let pods: Vec<Value> = (0..110)
-            .map(|i| json!({"metadata": {"name": format!("pod-{i}"), "namespace": "default"}, "spec": {"nodeName": "n1"}}))
+            .map(|i| {
+                json!({"metadata": {"name": format!("pod-{i}"), "namespace": "default",
+                                    "uid": format!("uid-{i}"), "resourceVersion": "50"},
+                       "spec": {"nodeName": "n1", "hostUsers": i % 2 == 0,
+                                "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]},
+                       "status": {"phase": "Running", "startTime": "2026-11-29T00:00:00Z"}})
+            })
             .collect();
         let log: Arc<Mutex<Vec<(Instant, Method, String)>>> = Arc::default();
         let fake = tokio::spawn(fake_api_server(server, log.clone(), st, node, pods, vec![]));
         let (tx, mut rx) = watch::channel(false);
-        let task = tokio::spawn(run(agent, tx));
+        let watches = WatchConfig::new("n1", Arc::new(usernsguard_runtime::classify::classify));
+        let task = tokio::spawn(run_all(agent, watches, Metrics::new("n1").unwrap(), tx));
         tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r))
             .await
             .expect("ready within 10 simulated minutes")
@@ -1268,11 +1309,12 @@ mod loop_tests {
             others.is_empty(),
             "lists, gets or writes in steady state: {others:?}"
         );
-        // Two watches (SelfTests, own Node), each renewed when the server closes it after
-        // timeoutSeconds (290 s in kube's watcher): at most ceil(3600 / 290) = 13 each.
-        assert!(watches <= 26, "{watches} watch requests");
+        // Seven watches (SelfTests, own Node; RuntimeClasses, own pods, three failure event
+        // reasons), each renewed when the server closes it after timeoutSeconds (290 s in
+        // kube's watcher): 12 or 13 each in an hour.
+        assert!(watches <= 7 * 13, "{watches} watch requests");
         assert!(
-            watches >= 2 * 12,
+            watches >= 7 * 12,
             "{watches}: the watches were not kept open the whole hour"
         );
         // First run, then one every 10 minutes: each re-run found the same and wrote nothing.
