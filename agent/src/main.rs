@@ -7,9 +7,15 @@
 //! containers and must not start threads, and `selftest` needs none. Subcommands that talk
 //! to Kubernetes build their own tokio runtime.
 
+mod agent;
+#[cfg(test)]
+mod api_fixtures;
 mod classify_cmd;
+mod controller;
 mod crd;
 mod crdgen;
+mod engine;
+mod leader;
 mod selftest_cmd;
 
 use std::process::ExitCode;
@@ -27,6 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Node agent (DaemonSet): runs the self-tests for its node and publishes the results.
+    Agent(agent::AgentArgs),
+    /// Cluster controller (Deployment, leader-elected): SelfTest status and RuntimeClasses.
+    Controller(controller::ControllerArgs),
     /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
     Selftest(selftest_cmd::SelftestArgs),
     /// Print the CustomResourceDefinitions as YAML (or write one file per kind).
@@ -45,10 +55,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::ProbePayload { args } => exit(usernsguard_runtime::probe::payload::main(&args)),
+        Command::Agent(args) => report(tokio_main(agent::main(args))),
+        Command::Controller(args) => report(tokio_main(controller::main(args))),
         Command::Selftest(args) => selftest_cmd::run(args),
         Command::Classify(args) => report(classify_cmd::run(&args)),
         Command::Crds(args) => report(crdgen::run(&args, &mut std::io::stdout().lock())),
     }
+}
+
+/// Runs a Kubernetes-facing subcommand on a multi-threaded tokio runtime.
+fn tokio_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(fut)
 }
 
 fn exit(code: i32) -> ExitCode {
@@ -64,4 +81,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -220,6 +220,24 @@ pub struct HandlerReport {
 }
 
 impl HandlerReport {
+    /// A handler that could not be probed at all: every requested check is an `Error` with
+    /// `message`, so its label reads `unknown` rather than disappearing.
+    pub fn unprobed(handler: &str, binary: &str, checks: &[Check], message: &str) -> Self {
+        let checks: Vec<_> = checks
+            .iter()
+            .map(|c| CheckResult::error(*c, None, message))
+            .collect();
+        HandlerReport {
+            handler: handler.to_owned(),
+            binary: binary.to_owned(),
+            runtime: String::new(),
+            version: String::new(),
+            features: ClaimedFeatures::default(),
+            verdict: Verdict::of(&checks),
+            checks,
+        }
+    }
+
     pub fn check(&self, check: Check) -> Option<&CheckResult> {
         self.checks.iter().find(|c| c.check == check)
     }
