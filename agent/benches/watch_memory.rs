@@ -83,7 +83,9 @@ fn query(uri: &http::Uri, key: &str) -> Option<String> {
 /// Serves lists (paged) and watch updates; parks every request once its data is served.
 async fn fake_api_server(
     mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
-    parked: Arc<tokio::sync::Notify>,
+    // One message per parked watch: a Notify would merge two parks that happen before the
+    // waiter looks, and the count would never complete.
+    parked: tokio::sync::mpsc::UnboundedSender<()>,
 ) {
     let mut held = Vec::new();
     let mut rounds_served = 0;
@@ -130,7 +132,7 @@ async fn fake_api_server(
             ("/api/v1/events", false) => send.send_response(list("EventList", "1", vec![], None)),
             (_, true) => {
                 held.push(send);
-                parked.notify_one();
+                let _ = parked.send(());
             }
             (p, w) => panic!("unexpected request {p} watch={w}"),
         }
@@ -146,8 +148,8 @@ fn main() {
         let before = status_kib("VmRSS:");
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, "default");
-        let parked = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(fake_api_server(handle, parked.clone()));
+        let (parked, mut parked_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(fake_api_server(handle, parked));
         let metrics = Metrics::new("node-a").unwrap();
         let health = Health::new();
         let cfg = WatchConfig {
@@ -158,7 +160,7 @@ fn main() {
         let task = tokio::spawn(watch::run(client, cfg, metrics.clone(), health.clone()));
         // One parked watch per resource: runtime classes, pods and the three event reasons.
         for _ in 0..2 + FAILURE_EVENT_REASONS.len() {
-            tokio::time::timeout(Duration::from_secs(120), parked.notified())
+            tokio::time::timeout(Duration::from_secs(120), parked_rx.recv())
                 .await
                 .expect("all watches consumed within 120 s");
         }
