@@ -118,7 +118,7 @@ impl NamespaceHolder {
                     pid: child,
                     release: Some(to_child_w),
                 };
-                holder.expect(&to_parent_r, b'U', "user")?;
+                holder.wait_for_step(&to_parent_r, b'U', "user")?;
                 for (file, map) in [("uid_map", uid), ("gid_map", gid)] {
                     let path = PathBuf::from(format!("/proc/{}/{file}", holder.pid));
                     fs::write(&path, format!("{map}\n"))
@@ -126,7 +126,7 @@ impl NamespaceHolder {
                 }
                 let w = holder.release.as_ref().expect("release fd present until drop");
                 nix::unistd::write(w, b"G").map_err(NamespaceError::Pipe)?;
-                holder.expect(&to_parent_r, b'N', "net")?;
+                holder.wait_for_step(&to_parent_r, b'N', "net")?;
                 Ok(holder)
             }
         }
@@ -145,7 +145,7 @@ impl NamespaceHolder {
     }
 
     /// Waits for the holder's one-byte report of a step.
-    fn expect(&mut self, from: &OwnedFd, ok: u8, what: &'static str) -> Result<(), NamespaceError> {
+    fn wait_for_step(&mut self, from: &OwnedFd, ok: u8, what: &'static str) -> Result<(), NamespaceError> {
         let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(from), PollFlags::POLLIN)];
         let timeout = PollTimeout::try_from(STEP_TIMEOUT).expect("5 s fits a poll timeout");
         if poll(&mut fds, timeout).map_err(NamespaceError::Pipe)? == 0 {
