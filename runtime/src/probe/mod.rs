@@ -237,29 +237,21 @@ fn evaluate_observation(
             ),
         );
     }
-    if !obs.proc.mounted {
-        let why = obs.proc.error.as_deref().unwrap_or("not procfs");
-        return CheckResult::fail(
-            check,
-            Reason::ProcMountEperm,
-            format!("/proc inside the container: {why}"),
-        );
-    }
-    if !obs.sys.mounted {
-        let why = obs.sys.error.as_deref().unwrap_or("not sysfs");
-        return CheckResult::fail(
-            check,
-            Reason::SysfsMountEperm,
-            format!("/sys inside the container: {why}"),
-        );
-    }
-    if !obs.mqueue.mounted {
-        let why = obs.mqueue.error.as_deref().unwrap_or("not an mqueue mount");
-        return CheckResult::fail(
-            check,
+    let mounts = [
+        (&obs.proc, "/proc", "not procfs", Reason::ProcMountEperm),
+        (&obs.sys, "/sys", "not sysfs", Reason::SysfsMountEperm),
+        (
+            &obs.mqueue,
+            "/dev/mqueue",
+            "not an mqueue mount",
             Reason::OtherUserns,
-            format!("/dev/mqueue inside the container: {why}"),
-        );
+        ),
+    ];
+    for (mount, path, not_it, reason) in mounts {
+        if !mount.mounted {
+            let why = mount.error.as_deref().unwrap_or(not_it);
+            return CheckResult::fail(check, reason, format!("{path} inside the container: {why}"));
+        }
     }
     if obs.mqueue.uid != Some(0) {
         return CheckResult::fail(
