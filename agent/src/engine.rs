@@ -27,13 +27,10 @@ pub struct EngineRunner {
 impl EngineRunner {
     /// The running `usernsguard` binary is the probe payload.
     pub fn new(work_dir: PathBuf, etc: PathBuf) -> anyhow::Result<Self> {
-        let exe =
-            std::env::current_exe().context("cannot locate the usernsguard binary for the probe payload")?;
+        let payload =
+            crate::own_payload().context("cannot locate the usernsguard binary for the probe payload")?;
         Ok(EngineRunner {
-            payload: Payload {
-                host_path: exe,
-                args: vec!["__probe-payload".into()],
-            },
+            payload,
             work_dir,
             etc,
         })

@@ -44,7 +44,7 @@ enum Command {
     /// Read pod failure messages from stdin, one per line, and print one reason code per line.
     Classify(classify_cmd::ClassifyArgs),
     /// Runs inside a probe container and reports what it sees (internal).
-    #[command(name = "__probe-payload", hide = true)]
+    #[command(name = PROBE_PAYLOAD_COMMAND, hide = true)]
     ProbePayload {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -66,6 +66,17 @@ fn main() -> ExitCode {
 /// Runs a Kubernetes-facing subcommand on a multi-threaded tokio runtime.
 fn tokio_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(fut)
+}
+
+/// The hidden subcommand probe containers run: this binary is its own probe payload.
+const PROBE_PAYLOAD_COMMAND: &str = "__probe-payload";
+
+/// The payload for probe containers: the running binary, told to observe and report.
+fn own_payload() -> std::io::Result<usernsguard_runtime::bundle::Payload> {
+    Ok(usernsguard_runtime::bundle::Payload {
+        host_path: std::env::current_exe()?,
+        args: vec![PROBE_PAYLOAD_COMMAND.into()],
+    })
 }
 
 fn exit(code: i32) -> ExitCode {

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use usernsguard_runtime::bundle::Payload;
 use usernsguard_runtime::discover::{find_on_path, RuntimeHandler};
 use usernsguard_runtime::selftest::{self, SelfTestConfig};
 use usernsguard_runtime::{Check, CheckOutcome, SelfTestReport, SelinuxFacts, Verdict};
@@ -91,12 +90,8 @@ impl SelftestArgs {
     }
 
     pub fn config(&self) -> Result<SelfTestConfig, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot locate the usernsguard binary: {e}"))?;
-        let payload = Payload {
-            host_path: exe,
-            args: vec!["__probe-payload".into()],
-        };
+        let payload =
+            crate::own_payload().map_err(|e| format!("cannot locate the usernsguard binary: {e}"))?;
         let mut config = SelfTestConfig::new(self.handlers()?, payload);
         config.checks = self.checks.clone();
         config.timeout = self.timeout;
