@@ -28,7 +28,7 @@ use std::sync::LazyLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
-use crate::Reason;
+use crate::reason::Reason;
 
 /// Something a failure message states; a message is reduced to the set of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,14 +264,6 @@ fn normalise_into(line: &[u8], out: &mut [u8]) -> usize {
     len
 }
 
-#[cfg(test)]
-fn normalise(line: &[u8]) -> Vec<u8> {
-    let mut out = vec![0; line.len()];
-    let len = normalise_into(line, &mut out);
-    out.truncate(len);
-    out
-}
-
 fn facts(text: &[u8]) -> u64 {
     let mut set = 0u64;
     for m in MATCHER.find_overlapping_iter(text) {
@@ -343,6 +335,13 @@ fn decide(set: u64) -> Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn normalise(line: &[u8]) -> Vec<u8> {
+        let mut out = vec![0; line.len()];
+        let len = normalise_into(line, &mut out);
+        out.truncate(len);
+        out
+    }
 
     #[test]
     fn every_fact_fits_the_bit_set() {

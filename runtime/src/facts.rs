@@ -335,9 +335,19 @@ pub fn cgroup_mode(mountinfo: &str, cgroup_root: &Path) -> CgroupMode {
     }
 }
 
+/// The filesystem magic number (`statfs(2)` `f_type`) of the filesystem holding `path`.
+///
+/// `f_type` is a signed `__fsword_t` in glibc and an unsigned long in musl; every magic
+/// number fits 32 bits, so both read the same as `u64`.
+pub fn fs_magic(path: &Path) -> nix::Result<u64> {
+    let raw = nix::sys::statfs::statfs(path)?.filesystem_type().0;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)] // a no-op on musl only
+    Ok(raw as u64)
+}
+
 fn filesystem_idmap(dir: &Path, kernel: &str) -> FilesystemIdmap {
-    let fs_type = nix::sys::statfs::statfs(dir)
-        .map(|s| fs_name(s.filesystem_type().0).to_owned())
+    let fs_type = fs_magic(dir)
+        .map(|magic| fs_name(magic).to_owned())
         .unwrap_or_else(|_| "unknown".into());
     let (idmap_supported, note) = idmap_support(&fs_type, kernel);
     FilesystemIdmap {
@@ -348,7 +358,7 @@ fn filesystem_idmap(dir: &Path, kernel: &str) -> FilesystemIdmap {
     }
 }
 
-fn fs_name(magic: i64) -> &'static str {
+fn fs_name(magic: u64) -> &'static str {
     match magic {
         0xEF53 => "ext4",
         0x5846_5342 => "xfs",

@@ -10,9 +10,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// Kernel magic numbers of the filesystems the probe expects (linux/magic.h).
-const PROC_SUPER_MAGIC: i64 = 0x9fa0;
-const SYSFS_MAGIC: i64 = 0x6265_6572;
-const MQUEUE_MAGIC: i64 = 0x1980_0202;
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+const SYSFS_MAGIC: u64 = 0x6265_6572;
+const MQUEUE_MAGIC: u64 = 0x1980_0202;
 
 /// Name of the file the `idmap-mount` probe writes through the idmapped mount.
 pub const IDMAP_WRITTEN_FILE: &str = "written-by-probe";
@@ -55,10 +55,10 @@ pub struct Observation {
     pub idmap: Option<IdmapObservation>,
 }
 
-fn observe_mount(path: &Path, magic: i64) -> MountObservation {
+fn observe_mount(path: &Path, magic: u64) -> MountObservation {
     let mut obs = MountObservation::default();
-    match nix::sys::statfs::statfs(path) {
-        Ok(s) => obs.mounted = s.filesystem_type().0 == magic,
+    match crate::facts::fs_magic(path) {
+        Ok(m) => obs.mounted = m == magic,
         Err(e) => obs.error = Some(format!("statfs {}: {e}", path.display())),
     }
     match fs::metadata(path) {

@@ -16,7 +16,7 @@ use crate::bundle::{self, BundleOptions, MirrorEntry, Namespaces, Payload, IDMAP
 use crate::classify::classify;
 use crate::process::ProcessError;
 use crate::reason::Reason;
-use crate::report::{Check, CheckResult, ClaimedFeatures};
+use crate::report::{Check, CheckOutcome, CheckResult, ClaimedFeatures};
 use crate::userns::{IdMapping, NamespaceHolder};
 use payload::Observation;
 use runner::RuntimeCommand;
@@ -317,15 +317,15 @@ pub fn evaluate_features(claims: &ClaimedFeatures, results: &[CheckResult], runt
     }
     let find = |c: Check| results.iter().find(|r| r.check == c);
     let observed_userns = find(Check::UsernsCreated).and_then(|r| match (r.result, r.reason) {
-        (crate::CheckOutcome::Pass, _) => Some(true),
-        (crate::CheckOutcome::Fail, Some(Reason::UsernsUnsupported)) => Some(false),
+        (CheckOutcome::Pass, _) => Some(true),
+        (CheckOutcome::Fail, Some(Reason::UsernsUnsupported)) => Some(false),
         _ => None,
     });
     // Only a runtime-level outcome says something about the runtime's claim: an idmap the
     // kernel refuses (`idmap_unsupported`) is not the runtime's fault.
     let observed_idmap = find(Check::IdmapMount).and_then(|r| match (r.result, r.reason) {
-        (crate::CheckOutcome::Pass, _) => Some(true),
-        (crate::CheckOutcome::Fail, Some(Reason::IdmapIgnored)) => Some(false),
+        (CheckOutcome::Pass, _) => Some(true),
+        (CheckOutcome::Fail, Some(Reason::IdmapIgnored)) => Some(false),
         _ => None,
     });
     let yes_no = |v: Option<bool>| match v {
