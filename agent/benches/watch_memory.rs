@@ -1,5 +1,5 @@
 //! Memory benchmark of the agent's watch path: the real `watch::run` (kube-runtime watchers,
-//! the counting state machine, the metrics registry) fed by an in-process fake API server
+//! the counting state machine, the metrics registry) fed by the fake API server's scripts
 //! with 250 pods of this node and 10,000 failure events about them, listed in pages of 500
 //! as the API server would, then 10,000 count updates over 20 watch responses. Prints the
 //! process RSS (VmRSS) once everything is consumed, and the peak (VmHWM). Target: steady RSS
@@ -10,13 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use kube::client::Body;
-use kube::Client;
 use serde_json::{json, Value};
 use usernsguard_agent::health::Health;
 use usernsguard_agent::metrics::Metrics;
-use usernsguard_agent::watch::{self, WatchConfig, FAILURE_EVENT_REASONS};
+use usernsguard_agent::node::watch::{self, WatchConfig, FAILURE_EVENT_REASONS};
+use usernsguard_agent::testing::{modified, Reply, Script, ScriptedApiServer, Watched};
 use usernsguard_runtime::Reason;
 
 const PODS: usize = 250;
@@ -64,79 +62,64 @@ fn event(i: usize, count: usize, rv: usize) -> Value {
     })
 }
 
-fn list(kind: &str, rv: &str, items: Vec<Value>, cont: Option<String>) -> Response<Body> {
-    let mut meta = json!({"resourceVersion": rv});
-    if let Some(c) = cont {
-        meta["continue"] = json!(c);
-    }
-    let body = json!({"apiVersion": "v1", "kind": kind, "metadata": meta, "items": items});
-    Response::new(Body::from(serde_json::to_vec(&body).unwrap()))
-}
-
-fn query(uri: &http::Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        (k == key).then(|| v.to_owned())
-    })
-}
-
-/// Serves lists (paged) and watch updates; parks every request once its data is served.
-async fn fake_api_server(
-    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
-    // One message per parked watch: a Notify would merge two parks that happen before the
-    // waiter looks, and the count would never complete.
-    parked: tokio::sync::mpsc::UnboundedSender<()>,
-) {
-    let mut held = Vec::new();
-    let mut rounds_served = 0;
-    while let Some((req, send)) = handle.next_request().await {
-        let uri = req.uri().clone();
-        let watching = query(&uri, "watch").as_deref() == Some("true");
-        let sandbox = query(&uri, "fieldSelector").is_some_and(|f| f.contains("FailedCreatePodSandBox"));
-        match (uri.path(), watching) {
-            ("/apis/node.k8s.io/v1/runtimeclasses", false) => send.send_response(list(
-                "RuntimeClassList",
-                "1",
-                ["crun", "runc"]
-                    .iter()
-                    .map(|h| {
-                        json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-                                     "metadata": {"name": format!("{h}-userns"), "resourceVersion": "1"},
-                                     "handler": h})
-                    })
-                    .collect(),
-                None,
-            )),
-            ("/api/v1/pods", false) => {
-                send.send_response(list("PodList", "1", (0..PODS).map(pod).collect(), None))
-            }
-            ("/api/v1/events", false) if sandbox => {
-                let start: usize = query(&uri, "continue").map_or(0, |c| c.parse().unwrap());
-                let end = (start + PAGE).min(EVENTS);
-                let cont = (end < EVENTS).then(|| end.to_string());
-                let items = (start..end).map(|i| event(i, 1 + i % 4, 1)).collect();
-                send.send_response(list("EventList", "100", items, cont));
-            }
-            ("/api/v1/events", true) if sandbox && rounds_served < UPDATE_ROUNDS => {
-                let per = EVENTS / UPDATE_ROUNDS;
-                let mut body = Vec::new();
-                for i in rounds_served * per..(rounds_served + 1) * per {
-                    let rv = 101 + i;
-                    let ev = json!({"type": "MODIFIED", "object": event(i, 2 + i % 4, rv)});
-                    serde_json::to_writer(&mut body, &ev).unwrap();
-                    body.push(b'\n');
-                }
-                rounds_served += 1;
-                send.send_response(Response::new(Body::from(body)));
-            }
-            ("/api/v1/events", false) => send.send_response(list("EventList", "1", vec![], None)),
-            (_, true) => {
-                held.push(send);
-                let _ = parked.send(());
-            }
-            (p, w) => panic!("unexpected request {p} watch={w}"),
+/// The scripts of every watched resource: RuntimeClasses and pods listed once, the sandbox
+/// failure events listed in pages of 500 and then updated over 20 watch responses, the
+/// other failure reasons empty. Built lazily: only the page being served is in memory.
+fn scripts() -> Vec<(Watched, Script)> {
+    let classes = ["crun", "runc"]
+        .iter()
+        .map(|h| {
+            json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                   "metadata": {"name": format!("{h}-userns"), "resourceVersion": "1"},
+                   "handler": h})
+        })
+        .collect();
+    let pages = (0..EVENTS.div_ceil(PAGE)).map(|p| {
+        let (start, end) = (p * PAGE, ((p + 1) * PAGE).min(EVENTS));
+        Reply::Page {
+            rv: "100".into(),
+            items: (start..end).map(|i| event(i, 1 + i % 4, 1)).collect(),
+            continue_token: (end < EVENTS).then(|| end.to_string()),
         }
+    });
+    let per = EVENTS / UPDATE_ROUNDS;
+    let rounds = (0..UPDATE_ROUNDS).map(move |r| {
+        Reply::Watch(
+            (r * per..(r + 1) * per)
+                .map(|i| modified(event(i, 2 + i % 4, 101 + i)))
+                .collect(),
+        )
+    });
+    let mut scripts: Vec<(Watched, Script)> = vec![
+        (
+            Watched::runtime_classes(),
+            Box::new(std::iter::once(Reply::List {
+                rv: "1",
+                items: classes,
+            })),
+        ),
+        (
+            Watched::pods("node-a"),
+            Box::new(std::iter::once(Reply::List {
+                rv: "1",
+                items: (0..PODS).map(pod).collect(),
+            })),
+        ),
+        (
+            Watched::events("FailedCreatePodSandBox"),
+            Box::new(pages.chain(rounds)),
+        ),
+    ];
+    for reason in &FAILURE_EVENT_REASONS[1..] {
+        scripts.push((
+            Watched::events(reason),
+            Box::new(std::iter::once(Reply::List {
+                rv: "1",
+                items: vec![],
+            })),
+        ));
     }
+    scripts
 }
 
 fn main() {
@@ -146,10 +129,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let before = status_kib("VmRSS:");
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
-        let (parked, mut parked_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(fake_api_server(handle, parked));
+        let (client, mut server) = ScriptedApiServer::start_lazy(scripts());
         let metrics = Metrics::new("node-a").unwrap();
         let health = Health::new();
         let cfg = WatchConfig {
@@ -159,11 +139,9 @@ fn main() {
         let started = Instant::now();
         let task = tokio::spawn(watch::run(client, cfg, metrics.clone(), health.clone()));
         // One parked watch per resource: runtime classes, pods and the three event reasons.
-        for _ in 0..2 + FAILURE_EVENT_REASONS.len() {
-            tokio::time::timeout(Duration::from_secs(120), parked_rx.recv())
-                .await
-                .expect("all watches consumed within 120 s");
-        }
+        server
+            .wait_parked(2 + FAILURE_EVENT_REASONS.len(), Duration::from_secs(120))
+            .await;
         let elapsed = started.elapsed();
         assert!(health.is_ready());
         let counted = metrics.pod_failures("crun", Reason::MqueueSetxattr)

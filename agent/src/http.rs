@@ -1,7 +1,8 @@
 //! The one HTTP port of DESIGN.md: `/metrics` (classic Prometheus text format), `/healthz`
 //! and `/readyz`, shared by the in-cluster agent and `usernsguard selftest --serve`.
 //!
-//! Also owns the `selftest --serve` loop, so a plain containerd host without Kubernetes is
+//! [`serve_while`] runs the agent's and the controller's work behind the port; the
+//! `selftest --serve` loop lives here too, so a plain containerd host without Kubernetes is
 //! monitored through exactly the same metrics as a node running the agent.
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use usernsguard_runtime::SelfTestReport;
 
 use crate::health::Health;
@@ -86,6 +88,30 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| ServerError::Serve { addr, source })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` while `work` runs, until `shutdown`. `/healthz`
+/// answers as long as the process does; `/readyz` follows `ready` (a latch: set once).
+pub async fn serve_while(
+    listener: TcpListener,
+    metrics: Metrics,
+    mut ready: watch::Receiver<bool>,
+    work: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let health = Health::new();
+    let latch = health.clone();
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            latch.mark_ready();
+        }
+    });
+    let served = serve(listener, metrics, health, shutdown);
+    tokio::select! {
+        r = served => r?,
+        () = work => anyhow::bail!("main loop ended"),
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM (kubelet, systemd) or Ctrl-C.
@@ -181,4 +207,32 @@ pub fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::http_status;
+
+    #[tokio::test]
+    async fn readyz_follows_the_loops_ready_signal() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let work = async move {
+            let _ = go_rx.await;
+            tx.send_replace(true);
+            std::future::pending::<()>().await
+        };
+        let metrics = Metrics::new("n1").unwrap();
+        let process = tokio::spawn(serve_while(listener, metrics, rx, work, std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(http_status(addr, "/readyz").await, 503);
+        go_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(http_status(addr, "/readyz").await, 200);
+        assert_eq!(http_status(addr, "/healthz").await, 200);
+        process.abort();
+    }
 }

@@ -1,10 +1,18 @@
-//! Library half of the `usernsguard` binary: the pieces the subcommands wire together,
-//! kept in a library so integration tests and benchmarks use them as `main.rs` does.
+//! The `usernsguard` binary's library: everything but argument parsing. Dependencies point
+//! one way: `cmd` (one module per subcommand) -> `node` and `controller` (the reconcilers)
+//! -> `crd`, `metrics`, `http`, `health`, `telemetry`, `payload` -> the `usernsguard-runtime`
+//! crate. `testing` (the fake API server, builders and fakes) is compiled for tests and, behind
+//! the `testing` feature, for benchmarks.
 
+pub mod cmd;
+pub mod controller;
+pub mod crd;
 pub mod health;
+pub mod http;
 pub mod metrics;
-pub mod server;
-pub mod watch;
+pub mod node;
+pub mod payload;
+pub mod telemetry;
 
-#[cfg(test)]
-mod fixtures;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

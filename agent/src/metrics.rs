@@ -14,31 +14,7 @@ use prometheus::{
 };
 use usernsguard_runtime::{CheckOutcome, Reason, SelfTestReport};
 
-/// Install state of a runtime handler; the `state` label of
-/// `usernsguard_runtime_install_state` and the value of the `usernsguard.io/runtime.<handler>`
-/// node label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum InstallState {
-    Installed,
-    Pending,
-    Failed,
-}
-
-impl InstallState {
-    pub const ALL: [InstallState; 3] = [
-        InstallState::Installed,
-        InstallState::Pending,
-        InstallState::Failed,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            InstallState::Installed => "installed",
-            InstallState::Pending => "pending",
-            InstallState::Failed => "failed",
-        }
-    }
-}
+use crate::crd::InstallState;
 
 /// Outcome of a container runtime restart/reload; the `result` label of
 /// `usernsguard_container_runtime_restarts_total`.
@@ -328,97 +304,9 @@ impl Metrics {
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use usernsguard_runtime::{
-        Check, CheckResult, HandlerReport, NodeFacts, SelinuxFacts, SelinuxMode, Verdict,
-    };
-
-    /// A two-handler report: crun passes everything, runc fails `userns-joined` with the
-    /// mqueue symptom and skips `idmap-mount`.
-    pub(crate) fn sample_report() -> SelfTestReport {
-        fn check(check: Check, result: CheckOutcome, secs: f64) -> CheckResult {
-            let mut c = match result {
-                CheckOutcome::Fail => CheckResult::fail(check, Reason::MqueueOwnerUnmapped, "65534"),
-                _ => CheckResult::new(check, result, None, "ok"),
-            };
-            c.duration_seconds = secs;
-            c
-        }
-        SelfTestReport {
-            started_at: "2026-11-29T03:00:00Z".into(),
-            duration_seconds: 2.0,
-            node: NodeFacts {
-                kernel: "6.1.0-28-amd64".into(),
-                selinux: SelinuxFacts {
-                    mode: SelinuxMode::Enforcing,
-                    policy: Some("targeted".into()),
-                    mount_label: None,
-                    mount_label_source: None,
-                },
-                lsms: vec![],
-                max_user_namespaces: Some(63000),
-                cgroup: usernsguard_runtime::facts::CgroupMode::Hybrid,
-                idmap_filesystems: vec![],
-            },
-            handlers: vec![
-                HandlerReport {
-                    handler: "crun".into(),
-                    binary: "/usr/bin/crun".into(),
-                    runtime: "crun".into(),
-                    version: "1.8.1".into(),
-                    features: Default::default(),
-                    verdict: Verdict::Pass,
-                    checks: vec![
-                        check(Check::UsernsCreated, CheckOutcome::Pass, 0.25),
-                        check(Check::UsernsJoined, CheckOutcome::Pass, 0.5),
-                    ],
-                },
-                HandlerReport {
-                    handler: "runc".into(),
-                    binary: "/usr/sbin/runc".into(),
-                    runtime: "runc".into(),
-                    version: "1.1.5".into(),
-                    features: Default::default(),
-                    verdict: Verdict::Fail,
-                    checks: vec![
-                        check(Check::UsernsCreated, CheckOutcome::Pass, 0.5),
-                        check(Check::UsernsJoined, CheckOutcome::Fail, 0.75),
-                        check(Check::IdmapMount, CheckOutcome::Skip, 0.0),
-                        check(Check::Features, CheckOutcome::Error, 0.0),
-                    ],
-                },
-            ],
-        }
-    }
-
-    /// Value of the sample `name{labels}` in a text exposition, matching the label set
-    /// exactly and in any order.
-    pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<String> {
-        let mut want: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        want.sort();
-        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if n != name {
-                return None;
-            }
-            let mut got: Vec<(String, String)> = rest
-                .trim_end_matches('}')
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once("=\"").unwrap();
-                    (k.to_owned(), v.trim_end_matches('"').to_owned())
-                })
-                .collect();
-            got.sort();
-            (got == want).then(|| value.to_owned())
-        })
-    }
+    use crate::testing::{sample, sample_report};
 
     #[test]
     fn selftest_report_feeds_check_duration_timestamp_runtime_and_node_info() {

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use usernsguard_agent::metrics::{InstallState, Metrics, RestartResult};
-use usernsguard_agent::server;
+use usernsguard_agent::crd::InstallState;
+use usernsguard_agent::http as server;
+use usernsguard_agent::metrics::{Metrics, RestartResult};
 use usernsguard_runtime::{Reason, SelfTestReport};
 
 /// A self-test report as the engine would produce it: crun passes, runc fails the joined

@@ -45,7 +45,7 @@ pub struct SelftestArgs {
     selinux_mount_label: Option<String>,
     /// Keep running: serve /metrics, /healthz and /readyz on ADDR (default 0.0.0.0:9464) and
     /// repeat the self-test every --interval, so a host without Kubernetes is monitored too.
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = usernsguard_agent::server::DEFAULT_ADDR)]
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = crate::http::DEFAULT_ADDR)]
     serve: Option<SocketAddr>,
     /// Time between self-test runs with --serve.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -90,8 +90,8 @@ impl SelftestArgs {
     }
 
     pub fn config(&self) -> Result<SelfTestConfig, String> {
-        let payload =
-            crate::own_payload().map_err(|e| format!("cannot locate the usernsguard binary: {e}"))?;
+        let payload = crate::payload::own_payload()
+            .map_err(|e| format!("cannot locate the usernsguard binary: {e}"))?;
         let mut config = SelfTestConfig::new(self.handlers()?, payload);
         config.checks = self.checks.clone();
         config.timeout = self.timeout;
@@ -148,11 +148,7 @@ fn serve(args: &SelftestArgs, addr: SocketAddr) -> ExitCode {
         }
     };
     let run = move || selftest::run(&config);
-    match runtime.block_on(usernsguard_agent::server::run_selftest_server(
-        addr,
-        args.interval,
-        run,
-    )) {
+    match runtime.block_on(crate::http::run_selftest_server(addr, args.interval, run)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("usernsguard selftest: {e:#}");

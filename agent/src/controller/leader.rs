@@ -233,7 +233,7 @@ pub async fn run_elected<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_fixtures::{mock_client, ApiServerVerifier};
+    use crate::testing::{mock_client, ApiServerVerifier};
     use http::{Method, StatusCode};
     use serde_json::{json, Value};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -290,7 +290,7 @@ mod tests {
             seen.echo();
         });
         assert!(lock.try_acquire_or_renew().await.unwrap());
-        crate::api_fixtures::finish(scenario, Duration::from_secs(1)).await;
+        crate::testing::finish(scenario, Duration::from_secs(1)).await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ use usernsguard_runtime::facts::{HostPaths, NodeFacts};
 use usernsguard_runtime::report::{Check, HandlerReport, SelfTestReport};
 use usernsguard_runtime::selftest::{self, SelfTestConfig};
 
-use crate::agent::{RunRequest, SelfTestRunner};
+use super::runner::{RunRequest, SelfTestRunner};
 
 /// [`SelfTestRunner`] backed by `usernsguard_runtime::selftest::run`.
 #[derive(Debug, Clone)]
@@ -27,8 +27,8 @@ pub struct EngineRunner {
 impl EngineRunner {
     /// The running `usernsguard` binary is the probe payload.
     pub fn new(work_dir: PathBuf, etc: PathBuf) -> anyhow::Result<Self> {
-        let payload =
-            crate::own_payload().context("cannot locate the usernsguard binary for the probe payload")?;
+        let payload = crate::payload::own_payload()
+            .context("cannot locate the usernsguard binary for the probe payload")?;
         Ok(EngineRunner {
             payload,
             work_dir,

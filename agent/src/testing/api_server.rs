@@ -1,14 +1,22 @@
-//! Test-only fake API server, in the style of kube-rs's controller-rs: a `kube::Client`
-//! whose transport is a `tower_test` mock, and an [`ApiServerVerifier`] that asserts each
-//! request's method, path, content type and body, in order, and answers it.
+//! The fake API server, in the style of kube-rs's controller-rs: a `kube::Client` whose
+//! transport is a `tower_test` mock, and an [`ApiServerVerifier`] on the other end.
+//!
+//! Two ways to drive it, one transport:
+//! - ordered scenarios: [`ApiServerVerifier::next`] hands over each request as a [`Seen`]
+//!   (method, path, content type and body, already read) to assert and answer, in order;
+//!   [`ApiServerVerifier::answer_all`] does the same for every request of a long-running loop;
+//! - per-resource watch scripts ([`super::scripted`]), for the concurrent watches of the
+//!   failure counter, which arrive in no fixed order across resources.
 //!
 //! Exists so the reconcilers' API traffic (which requests, how many, with what payload)
 //! is pinned by tests without a real kube-apiserver, which this machine does not have.
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use kube::client::Body;
@@ -80,14 +88,12 @@ impl Seen {
     }
 
     /// Never answers: the caller sees a hung connection until its own timeout fires.
-    #[allow(dead_code)] // used by the agent/controller scenarios
     pub fn hang(mut self) -> SendResponse<Response<RespBody>> {
         self.send.take().expect("answered once")
     }
 
     /// Answers a watch request with a stream of `events` (JSON lines) that ends after
     /// `open_for` (what the API server does at the watch's `timeoutSeconds`).
-    #[allow(dead_code)]
     pub fn watch_stream(mut self, events: Vec<Value>, open_for: Duration) {
         let send = self.send.take().expect("answered once");
         let lines: Vec<Bytes> = events
@@ -111,8 +117,6 @@ impl Seen {
     }
 }
 
-use futures::StreamExt;
-
 pub fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap());
     Response::builder()
@@ -127,6 +131,7 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
 }
 
 /// The fake API server's side of the mock transport.
+#[allow(missing_debug_implementations)] // tower-test's handle has no Debug
 pub struct ApiServerVerifier(pub Handle<Request<Body>, Response<RespBody>>);
 
 impl ApiServerVerifier {
@@ -163,7 +168,6 @@ impl ApiServerVerifier {
     }
 
     /// Asserts that no request arrives within `wait`.
-    #[allow(dead_code)]
     pub async fn assert_quiet(&mut self, wait: Duration) {
         if let Some(seen) = self.maybe_next(wait).await {
             panic!("unexpected request {} {} {}", seen.method, seen.uri, seen.body);
@@ -207,212 +211,55 @@ pub async fn finish<T>(handle: tokio::task::JoinHandle<T>, limit: Duration) -> T
         .expect("scenario panicked")
 }
 
-// ---------------------------------------------------------------------------------------------
-// Object builders and a fake self-test engine
-// ---------------------------------------------------------------------------------------------
-
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{ObjectMeta, PartialObjectMeta};
-use usernsguard_runtime::report::{Check, CheckResult, HandlerReport, SelfTestReport, Verdict};
-use usernsguard_runtime::{NodeFacts, Reason};
-
-use crate::agent::{RunRequest, SelfTestRunner};
-use crate::crd::{SelfTest, SelfTestSpec};
-
-impl SelfTest {
-    /// `default`, generation 1, all nodes, handlers runc and crun, labels published.
-    pub fn test() -> Self {
-        let spec: SelfTestSpec = serde_json::from_value(serde_json::json!({
-            "runtimeHandlers": ["runc", "crun"],
-        }))
-        .unwrap();
-        let mut st = SelfTest::new("default", spec);
-        st.metadata.generation = Some(1);
-        st.metadata.uid = Some("st-uid-1".into());
-        st
+impl Seen {
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.uri.split('?').next().unwrap_or("")
     }
 
-    #[allow(dead_code)]
-    pub fn named(mut self, name: &str) -> Self {
-        self.metadata.name = Some(name.into());
-        self
+    /// The raw value of query parameter `key`.
+    pub fn query(&self, key: &str) -> Option<&str> {
+        query_param(&self.uri, key)
     }
 
-    pub fn with_handlers<const N: usize>(mut self, handlers: [&str; N]) -> Self {
-        self.spec.runtime_handlers = handlers.iter().map(|h| h.to_string()).collect();
-        self
+    /// Whether this is a watch (`?watch=true`) rather than a list or get.
+    pub fn is_watch(&self) -> bool {
+        self.query("watch") == Some("true")
     }
 
-    pub fn generation(mut self, g: i64) -> Self {
-        self.metadata.generation = Some(g);
-        self
-    }
-
-    pub fn selecting(mut self, key: &str, value: &str) -> Self {
-        self.spec.node_selector.insert(key.into(), value.into());
-        self
-    }
-
-    pub fn interval(mut self, interval: &str) -> Self {
-        self.spec.interval = Some(interval.into());
-        self
+    /// Answers a watch with no events, open for the `timeoutSeconds` the client asked for:
+    /// what an idle API server does.
+    pub fn watch_idle(self) {
+        let secs: u64 = self
+            .query("timeoutSeconds")
+            .expect("watches carry timeoutSeconds")
+            .parse()
+            .unwrap();
+        self.watch_stream(vec![], Duration::from_secs(secs));
     }
 }
 
-/// Metadata of Node `name` (what the agent's node watch delivers).
-pub fn node_meta<const N: usize>(name: &str, labels: [(&str, &str); N]) -> PartialObjectMeta<Node> {
-    let mut m: PartialObjectMeta<Node> = PartialObjectMeta {
-        types: Some(kube::api::TypeMeta {
-            api_version: "meta.k8s.io/v1".into(),
-            kind: "PartialObjectMetadata".into(),
-        }),
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            uid: Some(format!("{name}-uid")),
-            resource_version: Some("1".into()),
-            ..ObjectMeta::default()
-        },
-        _phantom: std::marker::PhantomData,
-    };
-    m.metadata.labels = Some(
-        labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-    );
-    m
+/// The raw value of query parameter `key` of a request URI.
+pub fn query_param<'a>(uri: &'a str, key: &str) -> Option<&'a str> {
+    uri.split_once('?')?
+        .1
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-pub fn facts() -> NodeFacts {
-    serde_json::from_value(serde_json::json!({
-        "kernel": "6.1.0-test", "selinux": {"mode": "disabled"}, "cgroup": "v2",
-    }))
-    .unwrap()
-}
+/// Every request a long-running scenario received: arrival time (tokio's clock), method, URI.
+pub type RequestLog = Arc<Mutex<Vec<(tokio::time::Instant, Method, String)>>>;
 
-/// A handler report with the given verdict: a failing one fails `userns-joined` with
-/// `mqueue_owner_unmapped`.
-pub fn handler_report(handler: &str, verdict: Verdict) -> HandlerReport {
-    let checks = match verdict {
-        Verdict::Pass => vec![CheckResult::pass(Check::UsernsJoined, "/dev/mqueue owned by 0")],
-        Verdict::Fail => vec![CheckResult::fail(
-            Check::UsernsJoined,
-            Reason::MqueueOwnerUnmapped,
-            "/dev/mqueue owned by 65534",
-        )],
-        Verdict::Unknown => vec![CheckResult::error(
-            Check::UsernsJoined,
-            Some(Reason::Timeout),
-            "timed out",
-        )],
-    };
-    HandlerReport {
-        handler: handler.into(),
-        binary: format!("/usr/bin/{handler}"),
-        runtime: handler.into(),
-        version: "1.0".into(),
-        features: Default::default(),
-        verdict,
-        checks,
-    }
-}
-
-/// A self-test engine that answers from a table and records what it was asked. Each run
-/// gets a new `startedAt` and durations, as the real engine's would.
-#[derive(Debug, Default)]
-pub struct FakeRunner {
-    pub verdicts: Mutex<BTreeMap<String, Verdict>>,
-    pub calls: Mutex<Vec<RunRequest>>,
-}
-
-impl FakeRunner {
-    pub fn with<const N: usize>(verdicts: [(&str, Verdict); N]) -> Arc<Self> {
-        let r = FakeRunner::default();
-        r.set(verdicts);
-        Arc::new(r)
-    }
-
-    pub fn set<const N: usize>(&self, verdicts: [(&str, Verdict); N]) {
-        *self.verdicts.lock().unwrap() = verdicts.iter().map(|(h, v)| (h.to_string(), *v)).collect();
-    }
-
-    pub fn calls(&self) -> usize {
-        self.calls.lock().unwrap().len()
-    }
-}
-
-impl SelfTestRunner for FakeRunner {
-    fn run(&self, req: &RunRequest) -> SelfTestReport {
-        let mut calls = self.calls.lock().unwrap();
-        calls.push(req.clone());
-        let n = calls.len();
-        let verdicts = self.verdicts.lock().unwrap();
-        let handlers = verdicts
-            .iter()
-            .filter(|(h, _)| req.handlers.is_empty() || req.handlers.contains(h))
-            .map(|(h, v)| {
-                let mut r = handler_report(h, *v);
-                for c in &mut r.checks {
-                    c.duration_seconds = 0.1 * n as f64;
-                }
-                r
-            })
-            .collect();
-        SelfTestReport {
-            started_at: format!("2026-11-29T04:{:02}:00Z", n % 60),
-            duration_seconds: 0.5 * n as f64,
-            node: facts(),
-            handlers,
+impl ApiServerVerifier {
+    /// Hands every request to `answer`, however long the client runs (a simulated hour of a
+    /// reconcile loop), after recording it in `log`. Returns when the client is gone.
+    pub async fn answer_all(mut self, log: RequestLog, mut answer: impl FnMut(Seen)) {
+        while let Some(seen) = self.next_unbounded().await {
+            log.lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), seen.method.clone(), seen.uri.clone()));
+            answer(seen);
         }
-    }
-}
-
-use crate::crd::{
-    NodeReport, NodeReportSpec, NodeReportStatus, RuntimeProfile, RuntimeProfileSpec, SelfTestResult,
-};
-
-impl NodeReport {
-    /// The report of `node` with one result per (SelfTest, handler, generation, verdict).
-    pub fn test(node: &str, results: &[(&str, &str, i64, Verdict)]) -> Self {
-        let mut nr = NodeReport::new(
-            node,
-            NodeReportSpec {
-                node_name: node.into(),
-            },
-        );
-        nr.status = Some(NodeReportStatus {
-            results: results
-                .iter()
-                .map(|(st, h, g, v)| SelfTestResult {
-                    self_test: st.to_string(),
-                    generation: *g,
-                    started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                        format!("2026-11-29T03:0{g}:00Z").parse().unwrap(),
-                    ),
-                    report: handler_report(h, *v),
-                })
-                .collect(),
-            ..NodeReportStatus::default()
-        });
-        nr
-    }
-}
-
-impl RuntimeProfile {
-    /// `crun` profile: bundled crun, handler `crun`, default RuntimeClass options.
-    pub fn test() -> Self {
-        let spec: RuntimeProfileSpec = serde_json::from_value(serde_json::json!({
-            "runtime": "crun", "handler": "crun",
-            "binary": {"source": "Bundled", "path": "/usr/local/bin/crun"},
-        }))
-        .unwrap();
-        let mut p = RuntimeProfile::new("crun", spec);
-        p.metadata.uid = Some("rtp-uid".into());
-        p.metadata.generation = Some(1);
-        p
     }
 }
 
@@ -430,4 +277,65 @@ pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"))
+}
+
+/// The agent's side of the API for whole-loop tests: answers lists and watches (kept open
+/// for their `timeoutSeconds`, no events) of SelfTests, the Node `n1`, its pods, failure
+/// events and RuntimeClasses, and NodeReport applies and Events; `write_failures` are the
+/// status codes the first NodeReport writes get. Any other request fails the test.
+pub async fn serve_agent_api(
+    server: ApiServerVerifier,
+    log: RequestLog,
+    st: crate::crd::SelfTest,
+    node: kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Node>,
+    pods: Vec<Value>,
+    mut write_failures: Vec<StatusCode>,
+) {
+    use serde_json::json;
+    write_failures.reverse();
+    server
+        .answer_all(log, |seen| {
+            let path = seen.path().to_owned();
+            match (seen.method.clone(), path.as_str(), seen.is_watch()) {
+                (Method::GET, _, true) => seen.watch_idle(),
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "SelfTestList",
+                            "metadata": {"resourceVersion": "100"}, "items": [st]}),
+                ),
+                (Method::GET, "/api/v1/nodes", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                            "metadata": {"resourceVersion": "100"}, "items": [node]}),
+                ),
+                (Method::GET, "/api/v1/events", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "EventList",
+                            "metadata": {"resourceVersion": "100"}, "items": []}),
+                ),
+                (Method::GET, "/apis/node.k8s.io/v1/runtimeclasses", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClassList",
+                            "metadata": {"resourceVersion": "100"}, "items": []}),
+                ),
+                (Method::GET, "/api/v1/pods", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "PodList",
+                            "metadata": {"resourceVersion": "100"}, "items": pods}),
+                ),
+                (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1", _)
+                | (Method::PATCH, "/apis/usernsguard.io/v1alpha1/nodereports/n1/status", _) => {
+                    if let Some(code) = write_failures.pop() {
+                        seen.fail(code, "Injected");
+                        return;
+                    }
+                    let mut stored = seen.body.clone();
+                    stored["spec"] = json!({"nodeName": "n1"});
+                    seen.reply(StatusCode::OK, &stored);
+                }
+                (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events", _) => seen.echo(),
+                (m, p, _) => panic!("unexpected request {m} {p}"),
+            }
+        })
+        .await;
 }

@@ -1,183 +1,37 @@
-//! Test fixtures: object builders for pods, events and RuntimeClasses, and a fake API
-//! server behind `tower_test::mock::pair` that answers the agent's list and watch requests
-//! from per-resource scripts while asserting method, path and field selectors.
+//! The fake API server's second mode: per-resource scripts for list and watch requests.
 //!
-//! The watches run concurrently, so requests are matched by resource (path + field
-//! selector), not by global order; within one resource the script is strictly ordered.
-//! When a script is exhausted the next request is parked unanswered, which is how a test
-//! knows that every scripted object has been consumed by the agent.
+//! The agent's failure watches run concurrently, so requests are matched by resource (path +
+//! field selector), not by global order; within one resource the script is strictly ordered
+//! and every request is checked (method, list vs watch, a watch's `resourceVersion`, a
+//! page's `continue` token). When a script is exhausted the next request is parked
+//! unanswered, which is how a test knows that every scripted object has been consumed.
+//! Scripts are iterators, so a benchmark can stream tens of thousands of objects without
+//! building them all up front.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use http::{Method, Request, Response};
-use k8s_openapi::api::core::v1::{Event, Pod};
-use k8s_openapi::api::node::v1::RuntimeClass;
-use kube::client::Body;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
 use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tower_test::mock::SendResponse;
 
-pub const MQUEUE_MESSAGE: &str = r#"Failed to create pod sandbox: rpc error: code = Unknown desc = failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: error during container init: error mounting "mqueue" to rootfs at "/dev/mqueue": setxattr /proc/thread-self/fd/7: operation not permitted: unknown"#;
-pub const CNI_MESSAGE: &str = r#"Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup network for sandbox "265b1cc1621af991c09f5e372e0e5bdcfb47c9b53523178c8d0288ce489dad5f": plugin type="calico" failed (add): error getting ClusterInformation: connection is unauthorized: Unauthorized"#;
-
-/// A pod on `node`, in phase `phase`, acknowledged by the kubelet at `start_time`.
-#[derive(Clone, Debug)]
-pub struct PodFixture {
-    pub uid: String,
-    pub node: String,
-    pub host_users: Option<bool>,
-    pub runtime_class: Option<String>,
-    pub phase: String,
-    pub start_time: String,
-    pub resource_version: String,
-}
-
-impl PodFixture {
-    pub fn userns(uid: &str) -> PodFixture {
-        PodFixture {
-            uid: uid.into(),
-            node: "node-a".into(),
-            host_users: Some(false),
-            runtime_class: None,
-            phase: "Pending".into(),
-            start_time: "2026-01-01T00:00:10Z".into(),
-            resource_version: "1".into(),
-        }
-    }
-    pub fn host_users(mut self, v: Option<bool>) -> Self {
-        self.host_users = v;
-        self
-    }
-    pub fn runtime_class(mut self, c: &str) -> Self {
-        self.runtime_class = Some(c.into());
-        self
-    }
-    pub fn phase(mut self, p: &str) -> Self {
-        self.phase = p.into();
-        self
-    }
-    pub fn started(mut self, t: &str) -> Self {
-        self.start_time = t.into();
-        self
-    }
-    pub fn rv(mut self, rv: &str) -> Self {
-        self.resource_version = rv.into();
-        self
-    }
-    pub fn json(&self) -> Value {
-        let mut spec = json!({
-            "nodeName": self.node,
-            "containers": [{"name": "c", "image": "busybox"}],
-        });
-        if let Some(h) = self.host_users {
-            spec["hostUsers"] = json!(h);
-        }
-        if let Some(c) = &self.runtime_class {
-            spec["runtimeClassName"] = json!(c);
-        }
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("pod-{}", self.uid), "namespace": "default",
-                         "uid": self.uid, "resourceVersion": self.resource_version},
-            "spec": spec,
-            "status": {"phase": self.phase, "startTime": self.start_time},
-        })
-    }
-    pub fn build(&self) -> Pod {
-        serde_json::from_value(self.json()).unwrap()
-    }
-}
-
-/// A kubelet Warning event about pod `pod_uid`.
-#[derive(Clone, Debug)]
-pub struct EventFixture {
-    pub uid: String,
-    pub pod_uid: String,
-    pub reason: String,
-    pub message: String,
-    pub count: Option<i32>,
-    pub series_count: Option<i32>,
-    pub created: String,
-    pub host: String,
-    pub resource_version: String,
-}
-
-impl EventFixture {
-    pub fn sandbox(uid: &str, pod_uid: &str, message: &str) -> EventFixture {
-        EventFixture {
-            uid: uid.into(),
-            pod_uid: pod_uid.into(),
-            reason: "FailedCreatePodSandBox".into(),
-            message: message.into(),
-            count: Some(1),
-            series_count: None,
-            created: "2026-01-01T00:00:20Z".into(),
-            host: "node-a".into(),
-            resource_version: "1".into(),
-        }
-    }
-    pub fn count(mut self, c: i32) -> Self {
-        self.count = Some(c);
-        self
-    }
-    pub fn series(mut self, count: Option<i32>, series: i32) -> Self {
-        self.count = count;
-        self.series_count = Some(series);
-        self
-    }
-    pub fn created(mut self, t: &str) -> Self {
-        self.created = t.into();
-        self
-    }
-    pub fn host(mut self, h: &str) -> Self {
-        self.host = h.into();
-        self
-    }
-    pub fn rv(mut self, rv: &str) -> Self {
-        self.resource_version = rv.into();
-        self
-    }
-    pub fn json(&self) -> Value {
-        let mut v = json!({
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": format!("pod.{}", self.uid), "namespace": "default",
-                         "uid": self.uid, "resourceVersion": self.resource_version,
-                         "creationTimestamp": self.created},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": "default",
-                               "name": format!("pod-{}", self.pod_uid), "uid": self.pod_uid},
-            "reason": self.reason, "message": self.message, "type": "Warning",
-            "firstTimestamp": self.created, "lastTimestamp": self.created,
-            "source": {"component": "kubelet", "host": self.host},
-        });
-        if let Some(c) = self.count {
-            v["count"] = json!(c);
-        }
-        if let Some(s) = self.series_count {
-            v["series"] = json!({"count": s, "lastObservedTime": "2026-01-01T00:10:00.000000Z"});
-        }
-        v
-    }
-    pub fn build(&self) -> Event {
-        serde_json::from_value(self.json()).unwrap()
-    }
-}
-
-pub fn runtime_class_json(name: &str, handler: &str) -> Value {
-    json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-           "metadata": {"name": name, "uid": format!("rc-{name}"), "resourceVersion": "1"},
-           "handler": handler})
-}
-
-pub fn runtime_class(name: &str, handler: &str) -> RuntimeClass {
-    serde_json::from_value(runtime_class_json(name, handler)).unwrap()
-}
+use super::api_server::{json_response, mock_client, ApiServerVerifier, RespBody};
 
 /// One answer of the fake API server.
 #[derive(Clone, Debug)]
 pub enum Reply {
-    /// A list response (must answer a request without `watch=true`).
+    /// A complete list response (must answer a request without `watch=true`).
     List { rv: &'static str, items: Vec<Value> },
+    /// One page of a paged list; `continue_token` set means another page follows, and the
+    /// next request of this resource must ask for it.
+    Page {
+        rv: String,
+        items: Vec<Value>,
+        continue_token: Option<String>,
+    },
     /// A watch response whose body carries these watch events and then ends
     /// (must answer a request with `watch=true`).
     Watch(Vec<Value>),
@@ -222,21 +76,38 @@ impl Watched {
             field_selector: Some(format!("type=Warning,involvedObject.kind=Pod,reason={reason}")),
         }
     }
+
+    fn list_kind(&self) -> &'static str {
+        match self.path {
+            "/api/v1/pods" => "PodList",
+            "/api/v1/events" => "EventList",
+            _ => "RuntimeClassList",
+        }
+    }
 }
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Responder = tower_test::mock::SendResponse<Response<Body>>;
+/// The RuntimeClasses' script: one list of `(name, handler)` classes.
+pub fn runtime_classes(classes: &[(&str, &str)]) -> (Watched, Vec<Reply>) {
+    let items = classes
+        .iter()
+        .map(|(name, handler)| super::builders::runtime_class_json(name, handler))
+        .collect();
+    (Watched::runtime_classes(), vec![Reply::List { rv: "1", items }])
+}
 
-/// The fake API server: per-resource scripts, every request checked.
-pub struct ApiServerVerifier {
+/// A resource's script: its replies in order, produced on demand.
+pub type Script = Box<dyn Iterator<Item = Reply> + Send>;
+
+/// The fake API server playing per-resource scripts.
+pub struct ScriptedApiServer {
     parked_rx: watch::Receiver<usize>,
     log: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl std::fmt::Debug for ApiServerVerifier {
+impl std::fmt::Debug for ScriptedApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServerVerifier").finish_non_exhaustive()
+        f.debug_struct("ScriptedApiServer").finish_non_exhaustive()
     }
 }
 
@@ -275,66 +146,96 @@ fn query_params(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-impl ApiServerVerifier {
+fn body_response(bytes: Vec<u8>) -> Response<RespBody> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(
+            Full::new(bytes::Bytes::from(bytes))
+                .map_err(|e: std::convert::Infallible| match e {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+}
+
+impl ScriptedApiServer {
     /// A client wired to a fake server that plays `scripts`. Any request for a resource
     /// without a script, with a wrong method, or of the wrong kind (list vs watch) fails
-    /// the test (the panic surfaces through [`ApiServerVerifier::finish`]).
-    pub fn start(scripts: Vec<(Watched, Vec<Reply>)>) -> (Client, ApiServerVerifier) {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+    /// the test (the panic surfaces through [`ScriptedApiServer::wait_parked`]).
+    pub fn start(scripts: Vec<(Watched, Vec<Reply>)>) -> (Client, ScriptedApiServer) {
+        Self::start_lazy(
+            scripts
+                .into_iter()
+                .map(|(w, r)| (w, Box::new(r.into_iter()) as Script))
+                .collect(),
+        )
+    }
+
+    /// Like [`ScriptedApiServer::start`], with replies produced only when requested.
+    pub fn start_lazy(scripts: Vec<(Watched, Script)>) -> (Client, ScriptedApiServer) {
+        let (client, verifier) = mock_client();
         let (parked_tx, parked_rx) = watch::channel(0usize);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let task = tokio::spawn(Self::serve(handle, scripts, parked_tx, log.clone()));
-        (client, ApiServerVerifier { parked_rx, log, task })
+        let task = tokio::spawn(Self::serve(verifier, scripts, parked_tx, log.clone()));
+        (client, ScriptedApiServer { parked_rx, log, task })
     }
 
     async fn serve(
-        mut handle: Handle,
-        scripts: Vec<(Watched, Vec<Reply>)>,
+        verifier: ApiServerVerifier,
+        mut scripts: Vec<(Watched, Script)>,
         parked_tx: watch::Sender<usize>,
         log: Arc<Mutex<Vec<String>>>,
     ) {
-        let mut scripts: Vec<(Watched, VecDeque<Reply>)> = scripts
-            .into_iter()
-            .map(|(w, r)| (w, r.into_iter().collect()))
-            .collect();
-        let mut parked: Vec<Responder> = Vec::new();
+        let mut handle = verifier.0;
+        let mut parked: Vec<SendResponse<Response<RespBody>>> = Vec::new();
+        // The continue token each resource's next request must carry.
+        let mut expected_continue: BTreeMap<usize, String> = BTreeMap::new();
         while let Some((req, send)) = handle.next_request().await {
             assert_eq!(req.method(), Method::GET, "{}", req.uri());
             let path = req.uri().path().to_owned();
             let q = query_params(req.uri().query().unwrap_or(""));
             let is_watch = q.get("watch").map(String::as_str) == Some("true");
             let selector = q.get("fieldSelector").cloned();
-            let Some((_, script)) = scripts
-                .iter_mut()
-                .find(|(w, _)| w.path == path && w.field_selector == selector)
+            let Some(index) = scripts
+                .iter()
+                .position(|(w, _)| w.path == path && w.field_selector == selector)
             else {
                 panic!("unexpected request {} (fieldSelector {selector:?})", req.uri());
             };
+            let (watched, script) = &mut scripts[index];
             log.lock().unwrap().push(format!(
                 "{} {path} {}",
                 if is_watch { "WATCH" } else { "LIST" },
                 selector.as_deref().unwrap_or("")
             ));
-            match script.pop_front() {
+            if let Some(token) = expected_continue.remove(&index) {
+                assert_eq!(q.get("continue"), Some(&token), "next page of {}", req.uri());
+            }
+            let list = |rv: &str, items: Vec<Value>, cont: Option<&String>| {
+                assert!(!is_watch, "expected a list, got {}", req.uri());
+                let mut meta = json!({"resourceVersion": rv});
+                if let Some(c) = cont {
+                    meta["continue"] = json!(c);
+                }
+                json_response(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": watched.list_kind(), "metadata": meta, "items": items}),
+                )
+            };
+            match script.next() {
                 None => {
                     parked.push(send);
                     parked_tx.send_replace(parked.len());
                 }
-                Some(Reply::List { rv, items }) => {
-                    assert!(!is_watch, "expected a list, got {}", req.uri());
-                    let kind = match path.as_str() {
-                        "/api/v1/pods" => "PodList",
-                        "/api/v1/events" => "EventList",
-                        _ => "RuntimeClassList",
-                    };
-                    let body = json!({"apiVersion": "v1", "kind": kind,
-                                      "metadata": {"resourceVersion": rv}, "items": items});
-                    send.send_response(
-                        Response::builder()
-                            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                            .unwrap(),
-                    );
+                Some(Reply::List { rv, items }) => send.send_response(list(rv, items, None)),
+                Some(Reply::Page {
+                    rv,
+                    items,
+                    continue_token,
+                }) => {
+                    send.send_response(list(&rv, items, continue_token.as_ref()));
+                    if let Some(token) = continue_token {
+                        expected_continue.insert(index, token);
+                    }
                 }
                 Some(Reply::Watch(events)) => {
                     assert!(is_watch, "expected a watch, got {}", req.uri());
@@ -344,7 +245,7 @@ impl ApiServerVerifier {
                         serde_json::to_writer(&mut body, &e).unwrap();
                         body.push(b'\n');
                     }
-                    send.send_response(Response::builder().body(Body::from(body)).unwrap());
+                    send.send_response(body_response(body));
                 }
             }
         }

@@ -1,0 +1,17 @@
+//! Test support shared by the unit tests, the integration tests and the benchmarks: the one
+//! fake API server (ordered scenarios in [`api_server`], per-resource watch scripts in
+//! [`scripted`]), object builders, and a fake self-test engine. Compiled for tests and,
+//! behind the `testing` feature, for benchmarks; never part of the shipped binary.
+
+pub mod api_server;
+pub mod builders;
+pub mod runner;
+pub mod scripted;
+
+pub use api_server::{
+    finish, http_status, json_response, mock_client, query_param, serve_agent_api, unreachable_client,
+    ApiServerVerifier, RequestLog, Seen,
+};
+pub use builders::*;
+pub use runner::FakeRunner;
+pub use scripted::{added, gone, modified, runtime_classes, Reply, Script, ScriptedApiServer, Watched};
