@@ -6,6 +6,7 @@ set -euo pipefail
 what="${1:-all}"
 runtime_pkgs=(runc crun)
 build_pkgs=(pkg-config libselinux1-dev libclang-dev)
+static_pkgs=(musl-tools file)   # scripts/build-static.sh
 test_pkgs=(
   containerd containernetworking-plugins busybox-static iproute2 jq
   prometheus            # promtool and a real server for the scrape test
@@ -15,7 +16,7 @@ test_pkgs=(
 
 case "$what" in
   selftest) pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}") ;;
-  all) pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" "${test_pkgs[@]}") ;;
+  all) pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" "${static_pkgs[@]}" "${test_pkgs[@]}") ;;
   *) echo "usage: $0 [selftest|all]" >&2; exit 2 ;;
 esac
 
@@ -28,4 +29,9 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The musl target for the static build (the container image's binary).
+if [ "$what" = all ] && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl
 fi

@@ -41,6 +41,25 @@ USERNSGUARD_SELINUX_LANE_JSON=target/selinux-lane/guest.json cargo test -p usern
 # The lane must fail loudly, never pass vacuously: not enforcing, no SELinux, no init.
 bash tests/selinux-lane/check-guards.sh
 
+step "static builds (musl, glibc crt-static): same selftest verdicts as the dynamic build"
+verdicts() {
+  local out rc=0
+  out=$("$1" selftest --output json --work-dir "/run/usernsguard-static-$2") || rc=$?
+  [ "$rc" -le 1 ] || { echo "$1 selftest exited $rc" >&2; return 1; }
+  jq -c '[.handlers[] | {handler, verdict, checks: [.checks[] | {check, result, reason}]}]' <<<"$out"
+}
+reference=$(verdicts target/release/usernsguard dynamic)
+for bin in $(scripts/build-static.sh all); do
+  got=$(verdicts "$bin" static)
+  if [ "$got" != "$reference" ]; then
+    echo "$bin: selftest verdicts differ from the dynamic build:" >&2
+    echo "  static:  $got" >&2
+    echo "  dynamic: $reference" >&2
+    exit 1
+  fi
+  echo "$bin ($(du -h "$bin" | cut -f1)): $got"
+done
+
 step "benchmarks (figures, not pass/fail)"
 cargo bench -q -p usernsguard-agent --bench selftest
 cargo bench -q -p usernsguard-agent --bench watch_memory
