@@ -5,7 +5,7 @@ set -euo pipefail
 
 what="${1:-all}"
 runtime_pkgs=(runc crun)
-build_pkgs=(pkg-config libselinux1-dev libclang-dev)
+build_pkgs=(pkg-config libselinux1-dev libclang-dev protobuf-compiler)   # protoc: k8s-cri's generated CRI client
 static_pkgs=(musl-tools file)   # scripts/build-static.sh
 test_pkgs=(
   containerd containernetworking-plugins busybox-static iproute2 jq

@@ -19,7 +19,18 @@ use usernsguard_runtime::discover::{self, find_on_path, RuntimeHandler};
 use usernsguard_runtime::facts::{HostPaths, NodeFacts};
 use usernsguard_runtime::probe::runner::RuntimeCommand;
 use usernsguard_runtime::selftest::{self, SelfTestConfig};
+use usernsguard_runtime::host::HostRoot;
+use usernsguard_runtime::report::Check;
 use usernsguard_runtime::userns::IdMapping;
+
+/// The four checks that run through the OCI runtime directly (the CRI checks have their own
+/// figure against a bare CRI pod).
+const DIRECT_CHECKS: [Check; 4] = [
+    Check::UsernsCreated,
+    Check::UsernsJoined,
+    Check::IdmapMount,
+    Check::Features,
+];
 
 const ROUNDS: usize = 15;
 
@@ -43,7 +54,7 @@ fn bare_run(runtime: &RuntimeCommand, dir: &Path, i: usize) -> Duration {
             args: vec![],
         },
         payload_extra_args: vec![],
-        idmap_source: None,
+        idmap_mounts: vec![],
         mirror: bundle::host_mirror(Path::new("/")),
     };
     bundle::write(&bundle_dir, &opts).unwrap();
@@ -70,6 +81,7 @@ fn matrix_run(handler: &str, binary: &Path) -> Duration {
         args: vec!["__probe-payload".into()],
     };
     let mut config = SelfTestConfig::new(vec![RuntimeHandler::new(handler, binary)], payload);
+    config.checks = DIRECT_CHECKS.to_vec();
     config.work_dir = PathBuf::from("/run/usernsguard-bench");
     let started = Instant::now();
     let report = selftest::run(&config).unwrap();
@@ -83,7 +95,20 @@ fn matrix_run(handler: &str, binary: &Path) -> Duration {
 fn selftest_run(handler: &str, binary: &Path) -> (Duration, u64, i32) {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_usernsguard"))
-        .args(["selftest", "--output", "json", "--runtime"])
+        .args([
+            "selftest",
+            "--output",
+            "json",
+            "--check",
+            "userns-created",
+            "--check",
+            "userns-joined",
+            "--check",
+            "idmap-mount",
+            "--check",
+            "features",
+            "--runtime",
+        ])
         .arg(format!("{handler}={}", binary.display()))
         .stdout(Stdio::null())
         .spawn()
@@ -125,11 +150,12 @@ fn main() {
             println!("{name}: not installed, skipped");
             continue;
         };
-        let version = discover::version(&binary, Duration::from_secs(5)).unwrap();
+        let version = discover::version(&HostRoot::own(), &binary, Duration::from_secs(5)).unwrap();
         let runtime = RuntimeCommand {
             binary: binary.clone(),
             kind: version.kind,
             cgroup: node.cgroup,
+            host: HostRoot::own(),
         };
         // Warm the page cache for both paths before measuring.
         bare_run(&runtime, dir.path(), 999);

@@ -20,8 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::utils::{predicates, PredicateConfig};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client};
 
@@ -41,9 +44,21 @@ pub async fn run(client: Client) {
         .default_backoff()
         .reflect(writer)
         .touched_objects();
+    let (nodes, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    // Only label changes move a node in or out of a SelfTest's selection; the kubelet's
+    // status updates reach the metadata watch too and are dropped here.
+    let node_events = watcher(
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .touched_objects()
+    .predicate_filter(predicates::labels, PredicateConfig::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         reports,
+        nodes,
     });
     let selftests = Controller::new(Api::<SelfTest>::all(client.clone()), watcher::Config::default());
     let st_store = selftests.store();
@@ -54,12 +69,12 @@ pub async fn run(client: Client) {
         // Any NodeReport change may move any SelfTest's counts (a node that stopped being
         // selected disappears from the report, so the new object alone cannot say which
         // SelfTests it left): re-queue all of them; the queue de-duplicates.
-        .watches_stream(report_events, move |_nr: NodeReport| {
-            st_store
-                .state()
-                .iter()
-                .map(|st| ObjectRef::from_obj(st.as_ref()))
-                .collect::<Vec<_>>()
+        .watches_stream(report_events, {
+            let st_store = st_store.clone();
+            move |_nr: NodeReport| all_of(&st_store)
+        })
+        .watches_stream(node_events, move |_node: PartialObjectMeta<Node>| {
+            all_of(&st_store)
         })
         .run(reconcile_selftest, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -71,6 +86,15 @@ pub async fn run(client: Client) {
     .run(reconcile_profile, error_policy, ctx)
     .for_each(|_| futures::future::ready(()));
     futures::join!(selftests, profiles);
+}
+
+/// Every SelfTest, to re-queue: the queue de-duplicates and debounces.
+fn all_of(store: &reflector::Store<SelfTest>) -> Vec<ObjectRef<SelfTest>> {
+    store
+        .state()
+        .iter()
+        .map(|st| ObjectRef::from_obj(st.as_ref()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -151,6 +175,9 @@ mod tests {
                     (Method::GET, "/apis/node.k8s.io/v1/runtimeclasses", false) => {
                         seen.reply(StatusCode::OK, &list("RuntimeClassList", vec![]))
                     }
+                    (Method::GET, "/api/v1/nodes", false) => {
+                        seen.reply(StatusCode::OK, &list("PartialObjectMetadataList", vec![]))
+                    }
                     (Method::PATCH, "/apis/usernsguard.io/v1alpha1/selftests/default/status", _) => {
                         assert_eq!(seen.content_type.as_deref(), APPLY);
                         statuses2.lock().unwrap().push(seen.body["status"].clone());
@@ -176,8 +203,9 @@ mod tests {
             .collect();
         assert_eq!(
             lists.len(),
-            4,
-            "one initial list per watched kind, never again: {lists:?}"
+            5,
+            "one initial list per watched kind (SelfTests, NodeReports, Node metadata, \
+             RuntimeProfiles, RuntimeClasses), never again: {lists:?}"
         );
         assert!(!controllers.is_finished());
         controllers.abort();

@@ -33,6 +33,21 @@ impl RestartResult {
     }
 }
 
+/// Every metric of DESIGN.md's table, as registered below.
+pub const METRIC_NAMES: [&str; 11] = [
+    "usernsguard_pod_userns_failures_total",
+    "usernsguard_pod_userns_starts_total",
+    "usernsguard_selftest_check_passed",
+    "usernsguard_selftest_check_warning",
+    "usernsguard_selftest_duration_seconds",
+    "usernsguard_selftest_last_run_timestamp_seconds",
+    "usernsguard_runtime_info",
+    "usernsguard_runtime_install_state",
+    "usernsguard_container_runtime_restarts_total",
+    "usernsguard_node_info",
+    "usernsguard_build_info",
+];
+
 /// Self-test durations range from a few hundred milliseconds (crun, warm cache) to the probe
 /// timeout; buckets cover 0.1 s .. ~100 s.
 const SELFTEST_DURATION_BUCKETS: [f64; 11] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
@@ -44,6 +59,7 @@ pub struct Metrics {
     pod_userns_failures: IntCounterVec,
     pod_userns_starts: IntCounterVec,
     selftest_check_passed: IntGaugeVec,
+    selftest_check_warning: IntGaugeVec,
     selftest_duration: HistogramVec,
     selftest_last_run: GaugeVec,
     runtime_info: IntGaugeVec,
@@ -88,7 +104,14 @@ impl Metrics {
         let selftest_check_passed = IntGaugeVec::new(
             opts(
                 "usernsguard_selftest_check_passed",
-                "1 if the last self-test check passed, 0 if it failed or errored; absent when skipped.",
+                "1 if the last self-test check passed (warnings included: the pod works as the node is configured), 0 if it failed or errored; absent when skipped.",
+            ),
+            &["runtime_handler", "check"],
+        )?;
+        let selftest_check_warning = IntGaugeVec::new(
+            opts(
+                "usernsguard_selftest_check_warning",
+                "1 if the last self-test check passed with a warning (a latent defect that breaks pods once the node's configuration changes, e.g. SELinux labels turned on), 0 otherwise; absent when skipped.",
             ),
             &["runtime_handler", "check"],
         )?;
@@ -143,6 +166,7 @@ impl Metrics {
         registry.register(Box::new(pod_userns_failures.clone()))?;
         registry.register(Box::new(pod_userns_starts.clone()))?;
         registry.register(Box::new(selftest_check_passed.clone()))?;
+        registry.register(Box::new(selftest_check_warning.clone()))?;
         registry.register(Box::new(selftest_duration.clone()))?;
         registry.register(Box::new(selftest_last_run.clone()))?;
         registry.register(Box::new(runtime_info.clone()))?;
@@ -158,6 +182,7 @@ impl Metrics {
             pod_userns_failures,
             pod_userns_starts,
             selftest_check_passed,
+            selftest_check_warning,
             selftest_duration,
             selftest_last_run,
             runtime_info,
@@ -199,9 +224,9 @@ impl Metrics {
         self.pod_userns_starts.with_label_values(&[handler]).inc();
     }
 
-    /// Publishes one self-test run. Per check: 1 for `Pass`, 0 for `Fail` and `Error` (the
-    /// handler cannot be trusted either way), and no series for `Skip` (a check that does
-    /// not apply must not read as a failure). A handler's duration is the sum of its checks'
+    /// Publishes one self-test run. Per check: passed 1 for `Pass` and `Warn`, 0 for `Fail`
+    /// and `Error` (the handler cannot be trusted either way); warning 1 for `Warn`, else 0;
+    /// no series for `Skip` (a check that does not apply must not read as a failure). A handler's duration is the sum of its checks'
     /// durations; the last-run timestamp is the run's end (`started_at + duration_seconds`,
     /// or now when `started_at` does not parse).
     pub fn observe_selftest(&self, report: &SelfTestReport) {
@@ -220,20 +245,22 @@ impl Metrics {
         for h in &report.handlers {
             let handler = h.handler.as_str();
             for c in &h.checks {
+                let labels = [handler, c.check.as_str()];
                 let value = match c.result {
-                    CheckOutcome::Pass => Some(1),
+                    CheckOutcome::Pass | CheckOutcome::Warn => Some(1),
                     CheckOutcome::Fail | CheckOutcome::Error => Some(0),
                     CheckOutcome::Skip => None,
                 };
                 match value {
-                    Some(v) => self
-                        .selftest_check_passed
-                        .with_label_values(&[handler, c.check.as_str()])
-                        .set(v),
+                    Some(v) => {
+                        self.selftest_check_passed.with_label_values(&labels).set(v);
+                        self.selftest_check_warning
+                            .with_label_values(&labels)
+                            .set(i64::from(c.result == CheckOutcome::Warn));
+                    }
                     None => {
-                        let _ = self
-                            .selftest_check_passed
-                            .remove_label_values(&[handler, c.check.as_str()]);
+                        let _ = self.selftest_check_passed.remove_label_values(&labels);
+                        let _ = self.selftest_check_warning.remove_label_values(&labels);
                     }
                 }
             }
@@ -505,5 +532,24 @@ mod tests {
         let labels = [("node", "n"), ("result", "success"), ("runtime", "containerd")];
         let got = sample(&text, "usernsguard_container_runtime_restarts_total", &labels);
         assert_eq!(got.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn every_metric_of_the_design_is_exported_once_it_has_a_series() {
+        let m = Metrics::new("n").unwrap();
+        m.observe_selftest(&sample_report());
+        m.set_install_state("crun", InstallState::Installed);
+        m.inc_runtime_restart("containerd", RestartResult::Success);
+        m.inc_pod_start("crun");
+        let text = m.render();
+        let mut exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        exported.sort();
+        let mut names = METRIC_NAMES.to_vec();
+        names.sort();
+        assert_eq!(exported, names);
     }
 }

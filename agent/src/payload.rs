@@ -12,3 +12,11 @@ pub fn own_payload() -> std::io::Result<usernsguard_runtime::bundle::Payload> {
         args: vec![PROBE_PAYLOAD_COMMAND.into()],
     })
 }
+
+/// Where the usernsguard image keeps this binary: the `cri-pod` probe container runs it.
+pub const IMAGE_BINARY: &str = "/usr/local/bin/usernsguard";
+
+/// The `cri-pod` probe container's command: this binary in the agent's image, observing.
+pub fn image_command() -> Vec<String> {
+    vec![IMAGE_BINARY.into(), PROBE_PAYLOAD_COMMAND.into()]
+}

@@ -22,8 +22,17 @@ use crate::userns::IdMapping;
 
 /// Where the payload binary appears inside the container.
 pub const PAYLOAD_PATH: &str = "/.usernsguard/probe";
-/// Where the `idmap-mount` check mounts its host directory.
+/// Under which directory the `idmap-mount` check mounts its host directories.
 pub const IDMAP_TARGET: &str = "/mnt/idmap";
+
+/// One host directory bind-mounted with the pod's id mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdmapMount {
+    /// The directory, as a path on the host.
+    pub source: PathBuf,
+    /// Where it appears in the container (under [`IDMAP_TARGET`]).
+    pub target: String,
+}
 
 /// The program run inside the probe container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +71,8 @@ pub struct BundleOptions {
     pub payload: Payload,
     /// Extra payload arguments for this probe.
     pub payload_extra_args: Vec<String>,
-    /// A host directory to bind-mount with an idmap at [`IDMAP_TARGET`].
-    pub idmap_source: Option<PathBuf>,
+    /// Host directories to bind-mount with an idmap.
+    pub idmap_mounts: Vec<IdmapMount>,
     pub mirror: Vec<MirrorEntry>,
 }
 
@@ -87,7 +96,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
     }
 }
 
-/// Decides how the host's top-level library directories appear in the probe rootfs.
+/// Decides how the host's top-level library directories appear in the probe rootfs;
+/// `host_root` is where this process sees the host's `/`.
 pub fn host_mirror(host_root: &Path) -> Vec<MirrorEntry> {
     ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"]
         .into_iter()
@@ -208,8 +218,13 @@ pub fn spec(opts: &BundleOptions) -> Result<Spec, BundleError> {
         &opts.payload.host_path,
         &["bind", "ro", "nosuid", "nodev"],
     )?);
-    if let Some(src) = &opts.idmap_source {
-        let mut m = mount(IDMAP_TARGET, "bind", src, &["rbind", "idmap", "nosuid", "nodev"])?;
+    for idmap in &opts.idmap_mounts {
+        let mut m = mount(
+            &idmap.target,
+            "bind",
+            &idmap.source,
+            &["rbind", "idmap", "nosuid", "nodev"],
+        )?;
         m.set_uid_mappings(Some(vec![id_mapping(opts.uid)?]));
         m.set_gid_mappings(Some(vec![id_mapping(opts.gid)?]));
         mounts.push(m);
@@ -255,10 +270,15 @@ pub fn spec(opts: &BundleOptions) -> Result<Spec, BundleError> {
 /// create mount points in a root-owned rootfs nor traverse a 0700 temp directory.
 pub fn write(dir: &Path, opts: &BundleOptions) -> Result<(), BundleError> {
     let rootfs = dir.join("rootfs");
-    let mut dirs: Vec<PathBuf> = ["proc", "sys", "dev", "tmp", "mnt/idmap", ".usernsguard"]
+    let mut dirs: Vec<PathBuf> = ["proc", "sys", "dev", "tmp", ".usernsguard"]
         .iter()
         .map(|d| rootfs.join(d))
         .collect();
+    dirs.extend(
+        opts.idmap_mounts
+            .iter()
+            .map(|m| rootfs.join(m.target.trim_start_matches('/'))),
+    );
     for entry in &opts.mirror {
         match entry {
             MirrorEntry::Bind { name } => dirs.push(rootfs.join(name)),
@@ -298,7 +318,7 @@ mod tests {
                 args: vec!["__probe-payload".into()],
             },
             payload_extra_args: vec![],
-            idmap_source: None,
+            idmap_mounts: vec![],
             mirror: vec![
                 MirrorEntry::Bind { name: "usr".into() },
                 MirrorEntry::Symlink {
@@ -366,14 +386,17 @@ mod tests {
     #[test]
     fn idmap_mount_carries_the_pod_mapping() {
         let mut o = opts(Namespaces::Create);
-        o.idmap_source = Some("/run/x/idmap".into());
-        o.payload_extra_args = vec!["--idmap-dir".into(), IDMAP_TARGET.into()];
+        o.idmap_mounts = vec![IdmapMount {
+            source: "/run/x/idmap".into(),
+            target: format!("{IDMAP_TARGET}/disk"),
+        }];
+        o.payload_extra_args = vec!["--idmap-dir".into(), format!("{IDMAP_TARGET}/disk")];
         let v = json(&o);
         let m = v["mounts"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["destination"] == IDMAP_TARGET)
+            .find(|m| m["destination"] == "/mnt/idmap/disk")
             .unwrap();
         assert_eq!(m["source"], "/run/x/idmap");
         assert!(m["options"]
@@ -382,15 +405,20 @@ mod tests {
             .contains(&serde_json::json!("idmap")));
         assert_eq!(m["uidMappings"][0]["hostID"], 100_000);
         assert_eq!(m["gidMappings"][0]["containerID"], 0);
-        assert_eq!(v["process"]["args"][3], IDMAP_TARGET);
+        assert_eq!(v["process"]["args"][3], "/mnt/idmap/disk");
     }
 
     #[test]
     fn write_creates_mount_points_and_searchable_dirs() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), &opts(Namespaces::Create)).unwrap();
+        let mut o = opts(Namespaces::Create);
+        o.idmap_mounts = vec![IdmapMount {
+            source: "/x".into(),
+            target: "/mnt/idmap/tmpfs".into(),
+        }];
+        write(dir.path(), &o).unwrap();
         let rootfs = dir.path().join("rootfs");
-        for d in ["proc", "sys", "dev", "usr", "mnt/idmap"] {
+        for d in ["proc", "sys", "dev", "usr", "mnt/idmap/tmpfs"] {
             assert!(rootfs.join(d).is_dir(), "{d}");
         }
         assert_eq!(

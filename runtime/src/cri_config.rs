@@ -1,15 +1,24 @@
-//! Which runtime handlers the node's CRI runtime registers, and which binary each runs.
+//! The node's CRI runtime configuration as the CRI runtime itself reads it: which runtime
+//! handlers it registers, which binary each runs, whether it labels containers for
+//! SELinux, and where its socket is.
 //!
 //! In a cluster the verdict must be about what the kubelet will actually get, so the probes
-//! execute the binaries containerd (`runtimes.<handler>.options.BinaryName`) or CRI-O
-//! (`runtimes.<handler>.runtime_path`) would execute, not whatever is first on PATH.
-//! Parsing is pure over the config text; reading files (drop-ins, imports) is the caller's.
+//! execute the binaries containerd (`runtimes.<handler>.options.BinaryName`, else `runc`
+//! from its `PATH`) or CRI-O (`runtimes.<handler>.runtime_path`, else the handler's name
+//! from its `PATH`) would execute, found on the host.
+//!
+//! Files: containerd's root config plus everything its `imports` name (globs, relative to
+//! the importing file, recursively, each file once, later files overriding earlier ones, as
+//! containerd merges them); the configs k3s and rke2 render for their embedded containerd;
+//! CRI-O's `crio.conf` and every file in `crio.conf.d` in lexical order. Parsing is pure
+//! over text; reading goes through a [`HostRoot`].
 
 use std::path::{Path, PathBuf};
 
 use toml_edit::{DocumentMut, Item, Table};
 
 use crate::discover::{valid_handler_name, RuntimeHandler};
+use crate::host::{HostRoot, SERVICE_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriConfigError {
@@ -20,30 +29,104 @@ pub enum CriConfigError {
     },
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is neither a containerd configuration (no `version`/`plugins`) nor a CRI-O one (no `[crio]` table)")]
+    Unknown { path: PathBuf },
+}
+
+/// Which CRI runtime a configuration belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CriKind {
+    Containerd,
+    Crio,
+}
+
+impl CriKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CriKind::Containerd => "containerd",
+            CriKind::Crio => "cri-o",
+        }
+    }
+
+    /// The socket the CRI runtime listens on when its configuration does not say.
+    pub const fn default_socket(self) -> &'static str {
+        match self {
+            CriKind::Containerd => "/run/containerd/containerd.sock",
+            CriKind::Crio => "/run/crio/crio.sock",
+        }
+    }
 }
 
 /// A handler as the CRI config declares it; `binary` is `None` when the config leaves it to
-/// the default (the handler's runtime name looked up on the CRI runtime's PATH).
+/// the CRI runtime's default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeclaredHandler {
     pub name: String,
     pub binary: Option<PathBuf>,
 }
 
-impl DeclaredHandler {
-    /// Resolves the binary: the declared path, or `default_name` found through `find`.
-    pub fn resolve(&self, find: impl Fn(&str) -> Option<PathBuf>) -> Option<RuntimeHandler> {
-        let binary = match &self.binary {
-            Some(p) => p.clone(),
-            None => find(&self.name).or_else(|| find("runc"))?,
-        };
-        Some(RuntimeHandler::new(self.name.clone(), binary))
+/// What the node's CRI runtime configuration says, merged over all its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriConfig {
+    pub kind: CriKind,
+    /// The files read, in merge order (host paths).
+    pub files: Vec<PathBuf>,
+    pub handlers: Vec<DeclaredHandler>,
+    /// containerd `enable_selinux` / CRI-O `selinux`: whether containers get SELinux labels
+    /// (when SELinux is enabled on the node).
+    pub selinux: bool,
+    /// The configured socket (containerd `grpc.address`, CRI-O `crio.api.listen`).
+    pub socket: Option<PathBuf>,
+}
+
+impl CriConfig {
+    /// The socket to talk to, as a host path.
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(self.kind.default_socket()))
+    }
+
+    /// The handlers with their binaries resolved on `host` the way the CRI runtime resolves
+    /// them; a handler whose binary is not found keeps the path it would run (the probes
+    /// then report that it cannot be executed).
+    pub fn resolve(&self, host: &HostRoot) -> Vec<RuntimeHandler> {
+        self.handlers
+            .iter()
+            .map(|h| {
+                let wanted = match (&h.binary, self.kind) {
+                    (Some(p), _) => p.display().to_string(),
+                    (None, CriKind::Containerd) => "runc".to_owned(),
+                    (None, CriKind::Crio) => h.name.clone(),
+                };
+                let binary = host
+                    .find_on_path(&wanted, SERVICE_PATH)
+                    .unwrap_or_else(|| PathBuf::from(&wanted));
+                RuntimeHandler::new(h.name.clone(), binary)
+            })
+            .collect()
     }
 }
 
-/// The containerd CRI plugin tables that hold `containerd.runtimes`: config version 2
-/// (containerd 1.x) and 3 (containerd 2.x).
+/// The containerd CRI plugin tables that hold `containerd.runtimes` and `enable_selinux`:
+/// config version 2 (containerd 1.x) and 3 (containerd 2.x).
 const CONTAINERD_CRI_PLUGINS: [&str; 2] = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime"];
+
+/// Where containerd, k3s's and rke2's embedded containerd, and CRI-O keep their
+/// configuration, with the socket each listens on by default, in the order they are tried.
+pub const CONTAINERD_CONFIGS: [(&str, &str); 3] = [
+    ("/etc/containerd/config.toml", "/run/containerd/containerd.sock"),
+    (
+        "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+        "/run/k3s/containerd/containerd.sock",
+    ),
+    (
+        "/var/lib/rancher/rke2/agent/etc/containerd/config.toml",
+        "/run/k3s/containerd/containerd.sock",
+    ),
+];
+pub const CRIO_CONFIG: &str = "/etc/crio/crio.conf";
+pub const CRIO_DROP_INS: &str = "/etc/crio/crio.conf.d";
 
 fn parse(text: &str, path: &Path) -> Result<DocumentMut, CriConfigError> {
     text.parse::<DocumentMut>()
@@ -57,20 +140,48 @@ fn table(item: Option<&Item>) -> Option<&Table> {
     item.and_then(Item::as_table)
 }
 
-/// Runtime handlers of a containerd config. Only runc-compatible (`io.containerd.runc.v2`)
-/// handlers are returned: others (kata, gVisor shims) are not OCI runtimes we can probe.
-pub fn containerd_handlers(text: &str, path: &Path) -> Result<Vec<DeclaredHandler>, CriConfigError> {
+fn string(item: Option<&Item>) -> Option<String> {
+    item.and_then(Item::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// What one containerd config file contributes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct ContainerdFile {
+    handlers: Vec<DeclaredHandler>,
+    selinux: Option<bool>,
+    socket: Option<PathBuf>,
+    imports: Vec<String>,
+}
+
+/// Parses one containerd config file. Only runc-compatible (`io.containerd.runc.v2`)
+/// handlers count: others (kata, gVisor shims) are not OCI runtimes the probes can drive.
+fn containerd_file(text: &str, path: &Path) -> Result<ContainerdFile, CriConfigError> {
     let doc = parse(text, path)?;
-    let mut out = Vec::new();
+    let mut out = ContainerdFile {
+        socket: table(doc.get("grpc"))
+            .and_then(|g| string(g.get("address")))
+            .map(PathBuf::from),
+        imports: doc
+            .get("imports")
+            .and_then(Item::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str()).map(str::to_owned).collect())
+            .unwrap_or_default(),
+        ..ContainerdFile::default()
+    };
     let Some(plugins) = table(doc.get("plugins")) else {
         return Ok(out);
     };
-    for plugin in CONTAINERD_CRI_PLUGINS {
-        let runtimes = table(plugins.get(plugin))
-            .and_then(|p| table(p.get("containerd")))
-            .and_then(|c| table(c.get("runtimes")));
-        let Some(runtimes) = runtimes else { continue };
-        for (name, rt) in runtimes.iter() {
+    for plugin in CONTAINERD_CRI_PLUGINS
+        .iter()
+        .filter_map(|p| table(plugins.get(p)))
+    {
+        if let Some(b) = plugin.get("enable_selinux").and_then(Item::as_bool) {
+            out.selinux = Some(b);
+        }
+        let runtimes = table(plugin.get("containerd")).and_then(|c| table(c.get("runtimes")));
+        for (name, rt) in runtimes.into_iter().flat_map(|r| r.iter()) {
             let Some(rt) = rt.as_table() else { continue };
             let runtime_type = rt
                 .get("runtime_type")
@@ -80,248 +191,279 @@ pub fn containerd_handlers(text: &str, path: &Path) -> Result<Vec<DeclaredHandle
                 continue;
             }
             let binary = table(rt.get("options"))
-                .and_then(|o| o.get("BinaryName"))
-                .and_then(Item::as_str)
-                .filter(|s| !s.is_empty())
+                .and_then(|o| string(o.get("BinaryName")))
                 .map(PathBuf::from);
-            if !out.iter().any(|h: &DeclaredHandler| h.name == name) {
-                out.push(DeclaredHandler {
+            merge_handler(
+                &mut out.handlers,
+                DeclaredHandler {
                     name: name.to_owned(),
                     binary,
-                });
-            }
+                },
+            );
         }
     }
     Ok(out)
 }
 
-/// Runtime handlers of one CRI-O config file (`crio.conf` or a `crio.conf.d` drop-in).
-/// Later files override earlier ones per handler, as CRI-O merges them; pass them in order
-/// to [`merge`].
-pub fn crio_handlers(text: &str, path: &Path) -> Result<Vec<DeclaredHandler>, CriConfigError> {
-    let doc = parse(text, path)?;
-    let runtimes = table(doc.get("crio"))
-        .and_then(|c| table(c.get("runtime")))
-        .and_then(|r| table(r.get("runtimes")));
-    let Some(runtimes) = runtimes else {
-        return Ok(Vec::new());
-    };
-    Ok(runtimes
-        .iter()
-        .filter(|(name, _)| valid_handler_name(name))
-        .filter_map(|(name, rt)| {
-            let rt = rt.as_table()?;
-            // VM runtimes are not probed: their "user namespace" is a guest's.
-            let vm = rt.get("runtime_type").and_then(Item::as_str) == Some("vm");
-            (!vm).then(|| DeclaredHandler {
-                name: name.to_owned(),
-                binary: rt
-                    .get("runtime_path")
-                    .and_then(Item::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from),
-            })
-        })
-        .collect())
+/// What one CRI-O config file contributes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct CrioFile {
+    handlers: Vec<DeclaredHandler>,
+    selinux: Option<bool>,
+    socket: Option<PathBuf>,
 }
 
-/// Merges handler lists from files read in order; a later declaration of a handler wins.
-pub fn merge(lists: impl IntoIterator<Item = Vec<DeclaredHandler>>) -> Vec<DeclaredHandler> {
-    let mut out: Vec<DeclaredHandler> = Vec::new();
-    for h in lists.into_iter().flatten() {
-        match out.iter_mut().find(|o| o.name == h.name) {
-            Some(existing) => *existing = h,
-            None => out.push(h),
+fn crio_file(text: &str, path: &Path) -> Result<CrioFile, CriConfigError> {
+    let doc = parse(text, path)?;
+    let crio = table(doc.get("crio"));
+    let runtime = crio.and_then(|c| table(c.get("runtime")));
+    let mut out = CrioFile {
+        selinux: runtime.and_then(|r| r.get("selinux")).and_then(Item::as_bool),
+        socket: crio
+            .and_then(|c| table(c.get("api")))
+            .and_then(|a| string(a.get("listen")))
+            .map(PathBuf::from),
+        ..CrioFile::default()
+    };
+    for (name, rt) in runtime
+        .and_then(|r| table(r.get("runtimes")))
+        .into_iter()
+        .flat_map(|r| r.iter())
+    {
+        let Some(rt) = rt.as_table() else { continue };
+        // VM runtimes are not probed: their "user namespace" is a guest's.
+        if rt.get("runtime_type").and_then(Item::as_str) == Some("vm") || !valid_handler_name(name) {
+            continue;
+        }
+        merge_handler(
+            &mut out.handlers,
+            DeclaredHandler {
+                name: name.to_owned(),
+                binary: string(rt.get("runtime_path")).map(PathBuf::from),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// A later declaration of a handler replaces the earlier one, as both runtimes merge.
+fn merge_handler(list: &mut Vec<DeclaredHandler>, h: DeclaredHandler) {
+    match list.iter_mut().find(|o| o.name == h.name) {
+        Some(existing) => *existing = h,
+        None => list.push(h),
+    }
+}
+
+fn read_host(host: &HostRoot, path: &Path) -> Result<Option<String>, CriConfigError> {
+    match std::fs::read_to_string(host.path(path)) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CriConfigError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Reads containerd's config at `root` (a host path) with everything it imports.
+pub fn read_containerd(host: &HostRoot, root: &Path) -> Result<CriConfig, CriConfigError> {
+    let mut config = CriConfig {
+        kind: CriKind::Containerd,
+        files: Vec::new(),
+        handlers: Vec::new(),
+        selinux: false,
+        socket: None,
+    };
+    let mut pending = vec![root.to_path_buf()];
+    while !pending.is_empty() {
+        let path = pending.remove(0);
+        if config.files.contains(&path) {
+            continue;
+        }
+        let Some(text) = read_host(host, &path)? else {
+            if path == root {
+                return Err(CriConfigError::Read {
+                    path,
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+            continue;
+        };
+        let file = containerd_file(&text, &path)?;
+        config.files.push(path.clone());
+        for h in file.handlers {
+            merge_handler(&mut config.handlers, h);
+        }
+        config.selinux = file.selinux.unwrap_or(config.selinux);
+        config.socket = file.socket.or(config.socket);
+        let base = path.parent().unwrap_or(Path::new("/"));
+        for pattern in &file.imports {
+            pending.extend(glob(host, &base.join(pattern)));
+        }
+    }
+    if config.handlers.is_empty() {
+        // containerd's built-in default: a `runc` handler running `runc` from its PATH.
+        config.handlers.push(DeclaredHandler {
+            name: "runc".into(),
+            binary: None,
+        });
+    }
+    Ok(config)
+}
+
+/// Reads CRI-O's `crio.conf` (when present) and its drop-in directory.
+pub fn read_crio(host: &HostRoot, main: &Path, drop_ins: &Path) -> Result<CriConfig, CriConfigError> {
+    let mut files = vec![main.to_path_buf()];
+    let mut extra: Vec<PathBuf> = std::fs::read_dir(host.path(drop_ins))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| drop_ins.join(e.file_name()))
+                .collect()
+        })
+        .unwrap_or_default();
+    extra.sort();
+    files.extend(extra);
+    let mut config = CriConfig {
+        kind: CriKind::Crio,
+        files: Vec::new(),
+        handlers: Vec::new(),
+        selinux: false,
+        socket: None,
+    };
+    for path in files {
+        let Some(text) = read_host(host, &path)? else {
+            continue;
+        };
+        let file = crio_file(&text, &path)?;
+        config.files.push(path);
+        for h in file.handlers {
+            merge_handler(&mut config.handlers, h);
+        }
+        config.selinux = file.selinux.unwrap_or(config.selinux);
+        config.socket = file.socket.or(config.socket);
+    }
+    Ok(config)
+}
+
+/// Reads the configuration file named on the command line (a host path), telling
+/// containerd's from CRI-O's by its content.
+pub fn read_file(host: &HostRoot, path: &Path) -> Result<CriConfig, CriConfigError> {
+    let text = read_host(host, path)?.ok_or_else(|| CriConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let doc = parse(&text, path)?;
+    if doc.contains_key("crio") {
+        let drop_ins = path.parent().unwrap_or(Path::new("/")).join("crio.conf.d");
+        read_crio(host, path, &drop_ins)
+    } else if doc.contains_key("version") || doc.contains_key("plugins") || doc.contains_key("imports") {
+        read_containerd(host, path)
+    } else {
+        Err(CriConfigError::Unknown {
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Finds the node's CRI runtime configuration on `host`: the first known location whose
+/// socket exists, else the first whose configuration exists; `None` when there is neither
+/// (a host without Kubernetes).
+pub fn discover(host: &HostRoot) -> Result<Option<CriConfig>, CriConfigError> {
+    type Reader<'a> = Box<dyn Fn() -> Result<CriConfig, CriConfigError> + 'a>;
+    let mut candidates: Vec<(Reader<'_>, PathBuf, PathBuf)> = Vec::new();
+    for (config, socket) in CONTAINERD_CONFIGS {
+        let config = PathBuf::from(config);
+        let c = config.clone();
+        candidates.push((
+            Box::new(move || read_containerd(host, &c)),
+            config,
+            PathBuf::from(socket),
+        ));
+    }
+    let crio_present = host.path(CRIO_CONFIG).exists() || host.path(CRIO_DROP_INS).exists();
+    candidates.push((
+        Box::new(|| read_crio(host, Path::new(CRIO_CONFIG), Path::new(CRIO_DROP_INS))),
+        if crio_present {
+            PathBuf::from(CRIO_CONFIG)
+        } else {
+            PathBuf::from("/nonexistent")
+        },
+        PathBuf::from(CriKind::Crio.default_socket()),
+    ));
+    let exists = |p: &Path| host.path(p).exists();
+    let with_socket = candidates
+        .iter()
+        .position(|(_, config, socket)| exists(config) && exists(socket));
+    let any = candidates.iter().position(|(_, config, _)| exists(config));
+    match with_socket.or(any) {
+        Some(i) => {
+            let mut config = (candidates[i].0)()?;
+            // k3s and rke2 set no grpc.address in the rendered file; their socket is theirs.
+            if config.socket.is_none() && config.kind == CriKind::Containerd {
+                config.socket = Some(candidates[i].2.clone());
+            }
+            Ok(Some(config))
+        }
+        None => Ok(None),
+    }
+}
+
+/// `path` with `.` and `..` resolved lexically, as Go's `filepath.Join` cleans import paths.
+fn clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for comp in path.components() {
+        match comp {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
         }
     }
     out
 }
 
-/// The handlers the node's CRI runtime registers, read from its config files under `etc`
-/// (containerd's `config.toml`, else CRI-O's `crio.conf` and `crio.conf.d/*.conf` in name
-/// order), with binaries resolved through `find`. Empty when neither config exists.
-pub fn node_handlers(
-    etc: &Path,
-    find: impl Fn(&str) -> Option<PathBuf>,
-) -> Result<Vec<RuntimeHandler>, CriConfigError> {
-    let read = |path: PathBuf| -> Result<Option<(String, PathBuf)>, CriConfigError> {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some((text, path))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(CriConfigError::Read { path, source }),
-        }
-    };
-    let declared = if let Some((text, path)) = read(etc.join("containerd/config.toml"))? {
-        let declared = containerd_handlers(&text, &path)?;
-        if declared.is_empty() {
-            // containerd's built-in default: a `runc` handler running `runc` from PATH.
-            vec![DeclaredHandler {
-                name: "runc".into(),
-                binary: None,
-            }]
-        } else {
-            declared
-        }
-    } else {
-        let mut files = vec![etc.join("crio/crio.conf")];
-        let drop_ins = etc.join("crio/crio.conf.d");
-        let mut extra: Vec<PathBuf> = std::fs::read_dir(&drop_ins)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "conf"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        extra.sort();
-        files.extend(extra);
-        let mut lists = Vec::new();
-        for f in files {
-            if let Some((text, path)) = read(f)? {
-                lists.push(crio_handlers(&text, &path)?);
+/// containerd's `imports` glob (`*`, `?` in any component) over the host's files, sorted.
+fn glob(host: &HostRoot, pattern: &Path) -> Vec<PathBuf> {
+    let mut found = vec![PathBuf::from("/")];
+    for comp in clean(pattern).components().skip(1) {
+        let part = comp.as_os_str().to_string_lossy();
+        let mut next = Vec::new();
+        for dir in &found {
+            if part.contains(['*', '?']) {
+                let mut names: Vec<String> = std::fs::read_dir(host.path(dir))
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .filter(|n| wildcard(&part, n))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                next.extend(names.into_iter().map(|n| dir.join(n)));
+            } else {
+                next.push(dir.join(part.as_ref()));
             }
         }
-        merge(lists)
-    };
-    Ok(declared.iter().filter_map(|h| h.resolve(&find)).collect())
+        found = next;
+    }
+    found.retain(|p| host.path(p).is_file());
+    found
+}
+
+fn wildcard(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CONTAINERD_V2: &str = r#"
-version = 2
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  default_runtime_name = "runc"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-  SystemdCgroup = true
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun]
-  runtime_type = "io.containerd.runc.v2"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun.options]
-  BinaryName = "/usr/local/bin/crun"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
-  runtime_type = "io.containerd.kata.v2"
-"#;
-
-    const CONTAINERD_V3: &str = r#"
-version = 3
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-  runtime_type = 'io.containerd.runc.v2'
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  BinaryName = '/usr/bin/runc'
-"#;
-
-    #[test]
-    fn containerd_v2_lists_runc_compatible_handlers_with_binaries() {
-        let h = containerd_handlers(CONTAINERD_V2, Path::new("config.toml")).unwrap();
-        assert_eq!(
-            h,
-            vec![
-                DeclaredHandler {
-                    name: "runc".into(),
-                    binary: None
-                },
-                DeclaredHandler {
-                    name: "crun".into(),
-                    binary: Some("/usr/local/bin/crun".into())
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn containerd_v3_uses_the_cri_runtime_plugin() {
-        let h = containerd_handlers(CONTAINERD_V3, Path::new("config.toml")).unwrap();
-        assert_eq!(
-            h,
-            vec![DeclaredHandler {
-                name: "runc".into(),
-                binary: Some("/usr/bin/runc".into())
-            }]
-        );
-        assert!(containerd_handlers("version = 2\n", Path::new("c"))
-            .unwrap()
-            .is_empty());
-    }
-
-    #[test]
-    fn node_handlers_read_containerd_first_then_crio_drop_ins() {
-        let etc = tempfile::tempdir().unwrap();
-        let find = |n: &str| Some(PathBuf::from(format!("/usr/bin/{n}")));
-        assert!(node_handlers(etc.path(), find).unwrap().is_empty());
-        std::fs::create_dir_all(etc.path().join("crio/crio.conf.d")).unwrap();
-        std::fs::write(
-            etc.path().join("crio/crio.conf.d/20-crun.conf"),
-            "[crio.runtime.runtimes.crun]\n",
-        )
-        .unwrap();
-        std::fs::write(etc.path().join("crio/crio.conf.d/README"), "not a config").unwrap();
-        assert_eq!(
-            node_handlers(etc.path(), find).unwrap(),
-            vec![RuntimeHandler::new("crun", "/usr/bin/crun")]
-        );
-        std::fs::create_dir_all(etc.path().join("containerd")).unwrap();
-        std::fs::write(etc.path().join("containerd/config.toml"), "version = 2\n").unwrap();
-        let builtin = node_handlers(etc.path(), |n: &str| Some(PathBuf::from(format!("/sbin/{n}")))).unwrap();
-        assert_eq!(
-            builtin,
-            vec![RuntimeHandler::new("runc", "/sbin/runc")],
-            "containerd's implicit runc handler"
-        );
-        std::fs::write(etc.path().join("containerd/config.toml"), CONTAINERD_V3).unwrap();
-        assert_eq!(
-            node_handlers(etc.path(), find).unwrap(),
-            vec![RuntimeHandler::new("runc", "/usr/bin/runc")]
-        );
-    }
-
-    #[test]
-    fn broken_config_names_the_file() {
-        let err = containerd_handlers("[plugins\n", Path::new("/etc/containerd/config.toml")).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("/etc/containerd/config.toml is not valid TOML"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn crio_drop_ins_override_in_order_and_vm_runtimes_are_skipped() {
-        let base = r#"
-[crio.runtime]
-default_runtime = "crun"
-[crio.runtime.runtimes.crun]
-runtime_path = ""
-[crio.runtime.runtimes.runc]
-runtime_path = "/usr/libexec/crio/runc"
-[crio.runtime.runtimes.kata]
-runtime_path = "/usr/bin/kata-runtime"
-runtime_type = "vm"
-"#;
-        let drop_in = "[crio.runtime.runtimes.runc]\nruntime_path = \"/opt/runc/bin/runc\"\n";
-        let merged = merge([
-            crio_handlers(base, Path::new("crio.conf")).unwrap(),
-            crio_handlers(drop_in, Path::new("10-runc.conf")).unwrap(),
-        ]);
-        assert_eq!(
-            merged,
-            vec![
-                DeclaredHandler {
-                    name: "crun".into(),
-                    binary: None
-                },
-                DeclaredHandler {
-                    name: "runc".into(),
-                    binary: Some("/opt/runc/bin/runc".into())
-                },
-            ]
-        );
-        let resolved = merged[0]
-            .resolve(|n| (n == "crun").then(|| PathBuf::from("/usr/bin/crun")))
-            .unwrap();
-        assert_eq!(resolved, RuntimeHandler::new("crun", "/usr/bin/crun"));
-    }
-}
+mod tests;

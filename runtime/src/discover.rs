@@ -5,11 +5,11 @@
 //! document alone; the `features` check compares that claim with what the probes saw.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::host::HostRoot;
 use crate::process::{self, ProcessError};
 use crate::report::ClaimedFeatures;
 
@@ -116,9 +116,9 @@ pub fn parse_version(output: &str) -> Option<RuntimeVersion> {
     Some(RuntimeVersion { kind, name, version })
 }
 
-/// Runs `<binary> --version`.
-pub fn version(binary: &Path, timeout: Duration) -> Result<RuntimeVersion, DiscoverError> {
-    let mut cmd = Command::new(binary);
+/// Runs `<binary> --version` on `host` (`binary` is a host path).
+pub fn version(host: &HostRoot, binary: &Path, timeout: Duration) -> Result<RuntimeVersion, DiscoverError> {
+    let mut cmd = host.command(binary);
     cmd.arg("--version");
     let out = process::run(cmd, timeout)?;
     let text = out.stdout_lossy();
@@ -128,19 +128,42 @@ pub fn version(binary: &Path, timeout: Duration) -> Result<RuntimeVersion, Disco
     })
 }
 
-/// Runs `<binary> features`. A runtime without the subcommand (crun < 1.9) is not an error:
-/// it claims nothing, which is also what containerd concludes.
-pub fn features(binary: &Path, timeout: Duration) -> Result<ClaimedFeatures, DiscoverError> {
-    let mut cmd = Command::new(binary);
+/// Runs `<binary> features` on `host`. A runtime without the subcommand (crun < 1.9) is not
+/// an error: it claims nothing, which is also what containerd concludes. Any other failure
+/// of the subcommand is one: claims we could not read are not "no claims".
+pub fn features(host: &HostRoot, binary: &Path, timeout: Duration) -> Result<ClaimedFeatures, DiscoverError> {
+    let mut cmd = host.command(binary);
     cmd.arg("features");
     match process::run(cmd, timeout) {
         Ok(out) => parse_features(&out.stdout).map_err(|source| DiscoverError::BadFeatures {
             binary: binary.to_owned(),
             source,
         }),
-        Err(ProcessError::Failed { .. }) => Ok(ClaimedFeatures::default()),
+        Err(ProcessError::Failed { stdout, stderr, .. }) if says_unknown_command(&stdout, &stderr) => {
+            Ok(ClaimedFeatures::default())
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether a runtime's output says it has no such subcommand: crun 1.8 prints `unknown
+/// command features`, runc before 1.1 `No help topic for 'features'` (urfave/cli), others
+/// `unknown command`/`invalid command`.
+pub fn says_unknown_command(stdout: &[u8], stderr: &[u8]) -> bool {
+    let text = format!(
+        "{} {}",
+        String::from_utf8_lossy(stdout),
+        String::from_utf8_lossy(stderr)
+    )
+    .to_ascii_lowercase();
+    [
+        "unknown command",
+        "no help topic",
+        "invalid command",
+        "unrecognized command",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
 }
 
 #[derive(Deserialize, Default)]
@@ -276,8 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn unknown_subcommand_is_told_from_other_failures() {
+        assert!(says_unknown_command(b"", b"unknown command features\n"));
+        assert!(says_unknown_command(b"No help topic for 'features'\n", b""));
+        assert!(!says_unknown_command(b"", b"features: permission denied\n"));
+        assert!(!says_unknown_command(b"", b""));
+    }
+
+    #[test]
     fn version_of_a_non_runtime_is_a_clear_error() {
-        let err = version(Path::new("/bin/true"), Duration::from_secs(5)).unwrap_err();
+        let err = version(&HostRoot::own(), Path::new("/bin/true"), Duration::from_secs(5)).unwrap_err();
         assert!(matches!(err, DiscoverError::NotARuntime { .. }), "{err}");
         assert!(
             err.to_string().contains("/bin/true is not an OCI runtime"),

@@ -12,25 +12,46 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Where the host's pseudo-filesystems and configuration live. Tests point these at a tempdir.
+use crate::host::{HostDir, HostRoot};
+
+/// Where the host's pseudo-filesystems and configuration live, as this process opens them.
+/// Tests point these at a tempdir.
 #[derive(Debug, Clone)]
 pub struct HostPaths {
     pub proc: PathBuf,
+    /// The host's mount table: the cgroup layout is read from it.
+    pub mountinfo: PathBuf,
     pub sys: PathBuf,
     pub etc: PathBuf,
     pub dev: PathBuf,
     /// Directories whose filesystem's idmapped-mount support is reported when they exist.
-    pub idmap_dirs: Vec<PathBuf>,
+    pub idmap_dirs: Vec<HostDir>,
 }
 
 impl Default for HostPaths {
     fn default() -> Self {
+        HostPaths::of(&HostRoot::own())
+    }
+}
+
+impl HostPaths {
+    /// The host seen at `host`. Its mount table is its PID 1's: through a host root mount,
+    /// `/proc/self` would be this process's (a container's) own.
+    pub fn of(host: &HostRoot) -> HostPaths {
         HostPaths {
-            proc: "/proc".into(),
-            sys: "/sys".into(),
-            etc: "/etc".into(),
-            dev: "/dev".into(),
-            idmap_dirs: vec!["/var/lib/kubelet".into(), "/var/lib/containerd".into()],
+            proc: host.path("/proc"),
+            mountinfo: if host.is_own() {
+                "/proc/self/mountinfo".into()
+            } else {
+                host.path("/proc/1/mountinfo")
+            },
+            sys: host.path("/sys"),
+            etc: host.path("/etc"),
+            dev: host.path("/dev"),
+            idmap_dirs: ["/var/lib/kubelet", "/var/lib/containerd"]
+                .iter()
+                .map(|d| host.dir(d))
+                .collect(),
         }
     }
 }
@@ -167,13 +188,13 @@ impl NodeFacts {
             .unwrap_or_default();
         let max_user_namespaces =
             read_trimmed(&paths.proc.join("sys/user/max_user_namespaces")).and_then(|s| s.parse().ok());
-        let cgroup = read_trimmed(&paths.proc.join("self/mountinfo"))
+        let cgroup = read_trimmed(&paths.mountinfo)
             .map(|m| cgroup_mode(&m, &paths.sys.join("fs/cgroup")))
             .unwrap_or(CgroupMode::Unknown);
         let idmap_filesystems = paths
             .idmap_dirs
             .iter()
-            .filter(|d| d.exists())
+            .filter(|d| d.local.exists())
             .map(|d| filesystem_idmap(d, &kernel))
             .collect();
         NodeFacts {
@@ -345,13 +366,19 @@ pub fn fs_magic(path: &Path) -> nix::Result<u64> {
     Ok(raw as u64)
 }
 
-fn filesystem_idmap(dir: &Path, kernel: &str) -> FilesystemIdmap {
-    let fs_type = fs_magic(dir)
+/// The name of the filesystem holding `path` (`ext4`, `tmpfs`, ...), `unknown` when it
+/// cannot be read.
+pub fn fs_type(path: &Path) -> String {
+    fs_magic(path)
         .map(|magic| fs_name(magic).to_owned())
-        .unwrap_or_else(|_| "unknown".into());
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn filesystem_idmap(dir: &HostDir, kernel: &str) -> FilesystemIdmap {
+    let fs_type = fs_type(&dir.local);
     let (idmap_supported, note) = idmap_support(&fs_type, kernel);
     FilesystemIdmap {
-        path: dir.display().to_string(),
+        path: dir.host.display().to_string(),
         fs_type,
         idmap_supported,
         note,
@@ -550,10 +577,20 @@ mod tests {
         .unwrap();
         let paths = HostPaths {
             proc: root.join("proc"),
+            mountinfo: root.join("proc/self/mountinfo"),
             sys: root.join("sys"),
             etc: root.join("etc"),
             dev: root.join("dev"),
-            idmap_dirs: vec![root.to_path_buf(), root.join("absent")],
+            idmap_dirs: vec![
+                HostDir {
+                    local: root.to_path_buf(),
+                    host: "/var/lib/kubelet".into(),
+                },
+                HostDir {
+                    local: root.join("absent"),
+                    host: "/var/lib/containerd".into(),
+                },
+            ],
         };
         let facts = NodeFacts::gather(&paths);
         assert_eq!(facts.kernel, "6.1.0-28-amd64");
@@ -563,5 +600,9 @@ mod tests {
         assert_eq!(facts.selinux.mount_label.as_deref(), Some("a:b:c:s0"));
         assert_eq!(facts.cgroup, CgroupMode::Unknown);
         assert_eq!(facts.idmap_filesystems.len(), 1, "absent dirs are not reported");
+        assert_eq!(
+            facts.idmap_filesystems[0].path, "/var/lib/kubelet",
+            "named as the host names it"
+        );
     }
 }

@@ -7,9 +7,11 @@
 
 pub mod bundle;
 pub mod classify;
+pub mod cri;
 pub mod cri_config;
 pub mod discover;
 pub mod facts;
+pub mod host;
 pub mod probe;
 pub mod process;
 pub mod reason;

@@ -1,9 +1,12 @@
-//! The four checks of DESIGN.md: running each probe container and judging what came back.
+//! The direct checks of DESIGN.md (`userns-created`, `userns-joined`, `idmap-mount`):
+//! writing each probe's bundle, preparing what it needs on the host, running it through the
+//! OCI runtime binary and collecting what came back. [`evaluate`] judges the outcomes;
+//! [`payload`] is what runs inside; [`runner`] drives the runtime binary.
 //!
-//! [`run_probe`] does the side effects (bundle, namespace holder, runtime); [`evaluate`] and
-//! [`evaluate_features`] are pure, so every verdict and reason is unit-tested from recorded
-//! outcomes, including the SELinux-enforcing failure this machine cannot produce.
+//! Probe container ids and directories are neutral (`ug-<pid>-<run>-<handler>-<n>`,
+//! `c<n>/`): a runtime that echoes them in an error must not hand the classifier words.
 
+pub mod evaluate;
 pub mod payload;
 pub mod runner;
 
@@ -12,97 +15,140 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::bundle::{self, BundleOptions, MirrorEntry, Namespaces, Payload, IDMAP_TARGET};
-use crate::classify::classify;
+use crate::bundle::{self, BundleOptions, IdmapMount, MirrorEntry, Namespaces, Payload, IDMAP_TARGET};
+use crate::host::HostDir;
 use crate::process::ProcessError;
-use crate::reason::Reason;
-use crate::report::{Check, CheckOutcome, CheckResult, ClaimedFeatures};
+use crate::report::Check;
 use crate::userns::{IdMapping, NamespaceHolder};
-use payload::Observation;
+pub use evaluate::{
+    evaluate, evaluate_features, evaluate_idmap, FeaturesAnswer, Judge, Outcome, Written, OVERFLOW_UID,
+};
+use payload::{NamespaceIds, Observation};
 use runner::RuntimeCommand;
 
-/// The overflow uid the kernel shows for ids unmapped in a user namespace.
-pub const OVERFLOW_UID: u32 = 65534;
+/// A place where pods' volumes live, probed by `idmap-mount`.
+#[derive(Debug, Clone)]
+pub struct IdmapPlace {
+    /// For messages: `/var/lib/kubelet (ext4)`, `tmpfs`.
+    pub description: String,
+    /// The directory the probe's own directory is created in.
+    pub parent: HostDir,
+}
 
 /// What one probe needs from its surroundings.
 #[derive(Debug, Clone)]
 pub struct ProbeEnv<'a> {
     pub runtime: &'a RuntimeCommand,
+    /// The payload, its `host_path` a path on the host.
     pub payload: &'a Payload,
     pub mirror: &'a [MirrorEntry],
     pub uid: IdMapping,
     pub gid: IdMapping,
-    /// `linux.mountLabel` to set, as containerd and CRI-O do on SELinux nodes.
+    /// `linux.mountLabel` to set, as the CRI runtime would on this node.
     pub mount_label: Option<&'a str>,
     pub timeout: Duration,
     /// A fresh directory for this handler's probes; removed by the caller.
-    pub work_dir: &'a Path,
-    /// Container ids are `<id_prefix>-<check>`.
+    pub work: &'a HostDir,
+    /// Container ids are `<id_prefix>-<n>`.
     pub id_prefix: &'a str,
 }
 
-/// What happened when a probe container ran.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// The payload ran and reported. `written_host_uid` is the host owner of the file the
-    /// idmap probe wrote, when it wrote one.
-    Observed {
-        observation: Box<Observation>,
-        written_host_uid: Option<u32>,
-    },
-    /// The runtime exited non-zero; `text` is its stderr (and stdout).
-    RuntimeFailed { status: String, text: String },
-    /// The runtime did not finish in time and was killed.
-    Timeout { timeout: Duration, text: String },
-    /// The runtime exited 0 but no observation came back (not an OCI runtime?).
-    NoObservation { stdout: String, stderr: String },
-    /// The probe could not be set up or the runtime not started.
-    Setup(String),
-}
-
-/// Runs the probe container of `check` (not `Features`, which runs no container).
+/// Runs the probe container of `userns-created` or `userns-joined`.
 pub fn run_probe(check: Check, env: &ProbeEnv<'_>) -> Outcome {
-    let dir = env.work_dir.join(check.as_str());
-    match prepare_and_run(check, env, &dir) {
+    let n = Check::PROBES.iter().position(|c| *c == check).unwrap_or(9);
+    let dir = env.work.join(format!("c{n}"));
+    let joined = check == Check::UsernsJoined;
+    match run_container(env, &dir, &format!("{}-{n}", env.id_prefix), joined, &[]) {
         Ok(outcome) => outcome,
         Err(message) => Outcome::Setup(message),
     }
 }
 
-fn prepare_and_run(check: Check, env: &ProbeEnv<'_>, dir: &Path) -> Result<Outcome, String> {
+/// Runs the `idmap-mount` probe once per place, concurrently: one idmapped bind mount of a
+/// fresh directory there each.
+pub fn run_idmap(env: &ProbeEnv<'_>, places: &[IdmapPlace]) -> Vec<(String, Outcome)> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = places
+            .iter()
+            .enumerate()
+            .map(|(i, place)| {
+                s.spawn(move || {
+                    let dir = env.work.join(format!("c2-{i}"));
+                    let id = format!("{}-2-{i}", env.id_prefix);
+                    let outcome = match probe_dir(&place.parent) {
+                        Ok(probe) => {
+                            let outcome = run_container(env, &dir, &id, false, std::slice::from_ref(&probe))
+                                .unwrap_or_else(Outcome::Setup);
+                            let _ = fs::remove_dir_all(&probe.local);
+                            outcome
+                        }
+                        Err(message) => Outcome::Setup(message),
+                    };
+                    (place.description.clone(), outcome)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("probe threads do not panic"))
+            .collect()
+    })
+}
+
+/// A fresh directory owned by host root, mode 0755 (not world-writable: a runtime that
+/// ignores the idmap leaves the container's root unable to write there).
+fn probe_dir(parent: &HostDir) -> Result<HostDir, String> {
+    fs::create_dir_all(&parent.local).map_err(|e| format!("creating {}: {e}", parent.host.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("ug-")
+        .tempdir_in(&parent.local)
+        .map_err(|e| format!("creating a directory in {}: {e}", parent.host.display()))?
+        .keep();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    let name = dir.file_name().expect("tempdir has a name");
+    Ok(parent.join(name))
+}
+
+fn run_container(
+    env: &ProbeEnv<'_>,
+    dir: &HostDir,
+    id: &str,
+    join: bool,
+    idmap_dirs: &[HostDir],
+) -> Result<Outcome, String> {
     let bundle_dir = dir.join("bundle");
     let state_dir = dir.join("state");
-    for d in [dir, &bundle_dir, &state_dir] {
+    for d in [&dir.local, &bundle_dir.local, &state_dir.local] {
         fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     // Kept alive until the runtime has exited: its namespaces are what the probe joins.
-    let holder = match check {
-        Check::UsernsJoined => Some(
-            NamespaceHolder::spawn(env.uid, env.gid).map_err(|e| format!("pre-creating namespaces: {e}"))?,
-        ),
-        _ => None,
-    };
-    let namespaces = match &holder {
-        Some(h) => Namespaces::Join {
-            user: h.user_ns_path(),
-            net: h.net_ns_path(),
-        },
-        None => Namespaces::Create,
-    };
-    let idmap_dir = dir.join("idmap");
-    let (idmap_source, extra_args) = if check == Check::IdmapMount {
-        fs::create_dir_all(&idmap_dir).map_err(|e| format!("creating {}: {e}", idmap_dir.display()))?;
-        // World-writable so that a runtime ignoring the idmap still lets the write happen,
-        // and the host owner of the written file shows what the runtime really did.
-        fs::set_permissions(&idmap_dir, fs::Permissions::from_mode(0o777))
-            .map_err(|e| format!("chmod {}: {e}", idmap_dir.display()))?;
-        (
-            Some(idmap_dir.clone()),
-            vec!["--idmap-dir".to_owned(), IDMAP_TARGET.to_owned()],
-        )
+    let holder = if join {
+        Some(NamespaceHolder::spawn(env.uid, env.gid).map_err(|e| format!("pre-creating namespaces: {e}"))?)
     } else {
-        (None, vec![])
+        None
     };
+    let (namespaces, expected_ns) = match &holder {
+        Some(h) => (
+            Namespaces::Join {
+                user: h.user_ns_path(),
+                net: h.net_ns_path(),
+            },
+            Some(namespace_ids(h)?),
+        ),
+        None => (Namespaces::Create, None),
+    };
+    let idmap_mounts: Vec<IdmapMount> = idmap_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| IdmapMount {
+            source: d.host.clone(),
+            target: format!("{IDMAP_TARGET}/{i}"),
+        })
+        .collect();
+    let extra_args = idmap_mounts
+        .iter()
+        .flat_map(|m| ["--idmap-dir".to_owned(), m.target.clone()])
+        .collect();
     let opts = BundleOptions {
         uid: env.uid,
         gid: env.gid,
@@ -110,13 +156,14 @@ fn prepare_and_run(check: Check, env: &ProbeEnv<'_>, dir: &Path) -> Result<Outco
         mount_label: env.mount_label.map(str::to_owned),
         payload: env.payload.clone(),
         payload_extra_args: extra_args,
-        idmap_source,
+        idmap_mounts,
         mirror: env.mirror.to_vec(),
     };
-    bundle::write(&bundle_dir, &opts).map_err(|e| e.to_string())?;
+    bundle::write(&bundle_dir.local, &opts).map_err(|e| e.to_string())?;
 
-    let id = format!("{}-{}", env.id_prefix, check.as_str());
-    let result = env.runtime.run(&state_dir, &bundle_dir, &id, env.timeout);
+    let result = env
+        .runtime
+        .run(&state_dir.host, &bundle_dir.host, id, env.timeout);
     drop(holder);
     Ok(match result {
         Ok(out) if out.status.success() => {
@@ -126,14 +173,11 @@ fn prepare_and_run(check: Check, env: &ProbeEnv<'_>, dir: &Path) -> Result<Outco
                 .rev()
                 .find_map(|l| serde_json::from_str::<Observation>(l).ok())
             {
-                Some(observation) => {
-                    let written = idmap_dir.join(payload::IDMAP_WRITTEN_FILE);
-                    let written_host_uid = fs::metadata(&written).ok().map(|m| m.uid());
-                    Outcome::Observed {
-                        observation: Box::new(observation),
-                        written_host_uid,
-                    }
-                }
+                Some(observation) => Outcome::Observed {
+                    observation: Box::new(observation),
+                    expected_ns,
+                    written: idmap_dirs.iter().map(|d| written(&d.local)).collect(),
+                },
                 None => Outcome::NoObservation {
                     stdout,
                     stderr: out.stderr_lossy(),
@@ -160,212 +204,102 @@ fn prepare_and_run(check: Check, env: &ProbeEnv<'_>, dir: &Path) -> Result<Outco
     })
 }
 
-fn excerpt(text: &str) -> String {
-    const MAX: usize = 2000;
-    let t = text.trim();
-    if t.len() <= MAX {
-        return t.to_owned();
-    }
-    let mut end = MAX;
-    while !t.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &t[..end])
-}
-
-/// Judges a probe's outcome. `uid` is the mapping the probe asked for.
-pub fn evaluate(check: Check, outcome: &Outcome, uid: IdMapping, runtime: &str) -> CheckResult {
-    match outcome {
-        Outcome::Observed { observation, written_host_uid } => {
-            evaluate_observation(check, observation, *written_host_uid, uid)
-        }
-        Outcome::RuntimeFailed { text, .. } => {
-            let reason = classify(text);
-            if reason.is_userns() {
-                CheckResult::fail(check, reason, format!("{runtime} failed: {}", excerpt(text)))
-            } else {
-                CheckResult::error(
-                    check,
-                    None,
-                    format!("{runtime} failed for a reason unrelated to user namespaces: {}", excerpt(text)),
-                )
-            }
-        }
-        Outcome::Timeout { timeout, text } => {
-            let mut msg = format!(
-                "{runtime} did not finish within {}s; it and its process group were killed",
-                timeout.as_secs_f64()
-            );
-            if !text.trim().is_empty() {
-                msg.push_str(&format!(": {}", excerpt(text)));
-            }
-            CheckResult::error(check, Some(Reason::Timeout), msg)
-        }
-        Outcome::NoObservation { stdout, stderr } => CheckResult::error(
-            check,
-            None,
-            format!(
-                "{runtime} exited successfully but the probe container reported nothing (is it an OCI runtime?); stdout: {:?}, stderr: {:?}",
-                excerpt(stdout),
-                excerpt(stderr)
-            ),
-        ),
-        Outcome::Setup(message) => CheckResult::error(check, None, message.clone()),
-    }
-}
-
-fn owner(o: &payload::MountObservation) -> String {
-    match (o.uid, o.gid) {
-        (Some(u), Some(g)) => format!("{u}:{g}"),
-        _ => "unknown".into(),
-    }
-}
-
-fn evaluate_observation(
-    check: Check,
-    obs: &Observation,
-    written_host_uid: Option<u32>,
-    uid: IdMapping,
-) -> CheckResult {
-    if !uid.matches_proc_map(&obs.uid_map) {
-        return CheckResult::fail(
-            check,
-            Reason::UsernsUnsupported,
-            format!(
-                "the container did not run in the requested user namespace: uid_map is {:?}, expected \"{uid}\"",
-                obs.uid_map.trim()
-            ),
-        );
-    }
-    let mounts = [
-        (&obs.proc, "/proc", "not procfs", Reason::ProcMountEperm),
-        (&obs.sys, "/sys", "not sysfs", Reason::SysfsMountEperm),
-        (
-            &obs.mqueue,
-            "/dev/mqueue",
-            "not an mqueue mount",
-            Reason::OtherUserns,
-        ),
-    ];
-    for (mount, path, not_it, reason) in mounts {
-        if !mount.mounted {
-            let why = mount.error.as_deref().unwrap_or(not_it);
-            return CheckResult::fail(check, reason, format!("{path} inside the container: {why}"));
-        }
-    }
-    if obs.mqueue.uid != Some(0) {
-        return CheckResult::fail(
-            check,
-            Reason::MqueueOwnerUnmapped,
-            format!(
-                "/dev/mqueue is owned by {} inside the container, not by uid 0: the runtime created the IPC \
-                 namespace before becoming root in the pod's user namespace, so on an SELinux node labelling \
-                 the mount fails with setxattr: operation not permitted (runc issue 4466)",
-                owner(&obs.mqueue)
-            ),
-        );
-    }
-    let base = format!(
-        "uid_map \"{uid}\"; proc, sysfs and mqueue mounted; /dev/mqueue owned by {}",
-        owner(&obs.mqueue)
-    );
-    if check != Check::IdmapMount {
-        return CheckResult::pass(check, base);
-    }
-    let Some(idmap) = &obs.idmap else {
-        return CheckResult::error(check, None, "the probe reported no idmap observation");
+/// The identity of the holder's namespaces, as the payload will report its own.
+fn namespace_ids(holder: &NamespaceHolder) -> Result<NamespaceIds, String> {
+    let ino = |p: std::path::PathBuf| {
+        fs::metadata(&p)
+            .map(|m| m.ino())
+            .map_err(|e| format!("stat {}: {e}", p.display()))
     };
-    let inside = idmap.dir.uid;
-    let mapped_write = written_host_uid == Some(0);
-    match (inside, idmap.write_error.as_deref(), written_host_uid) {
-        (Some(0), None, Some(0)) => CheckResult::pass(
-            check,
-            "the idmapped directory (host uid 0) shows uid 0 inside and a write by the container's root landed as host uid 0",
-        ),
-        (Some(OVERFLOW_UID), ..) | (_, _, Some(_)) if !mapped_write => CheckResult::fail(
-            check,
-            Reason::IdmapIgnored,
-            format!(
-                "the runtime accepted the idmap mount but mounted without the idmap: the directory (host uid 0) \
-                 shows uid {} inside{}",
-                inside.map_or("unknown".into(), |u| u.to_string()),
-                match written_host_uid {
-                    Some(h) => format!(" and a write by the container's root landed as host uid {h}"),
-                    None => String::new(),
-                }
-            ),
-        ),
-        _ => CheckResult::fail(
-            check,
-            Reason::OtherUserns,
-            format!(
-                "unexpected idmap result: directory uid inside {inside:?}, write error {:?}, written file's host uid {written_host_uid:?}",
-                idmap.write_error
-            ),
-        ),
-    }
+    Ok(NamespaceIds {
+        user: ino(holder.user_ns_path())?,
+        net: ino(holder.net_ns_path())?,
+    })
 }
 
-/// Compares the runtime's `features` claims with the other checks' results.
-pub fn evaluate_features(claims: &ClaimedFeatures, results: &[CheckResult], runtime: &str) -> CheckResult {
-    let check = Check::Features;
-    if !claims.available {
-        return CheckResult::skip(
-            check,
-            format!("{runtime} has no `features` subcommand, so containerd cannot learn its user-namespace or idmap support from it"),
-        );
-    }
-    let find = |c: Check| results.iter().find(|r| r.check == c);
-    let observed_userns = find(Check::UsernsCreated).and_then(|r| match (r.result, r.reason) {
-        (CheckOutcome::Pass, _) => Some(true),
-        (CheckOutcome::Fail, Some(Reason::UsernsUnsupported)) => Some(false),
-        _ => None,
-    });
-    // Only a runtime-level outcome says something about the runtime's claim: an idmap the
-    // kernel refuses (`idmap_unsupported`) is not the runtime's fault.
-    let observed_idmap = find(Check::IdmapMount).and_then(|r| match (r.result, r.reason) {
-        (CheckOutcome::Pass, _) => Some(true),
-        (CheckOutcome::Fail, Some(Reason::IdmapIgnored)) => Some(false),
-        _ => None,
-    });
-    let yes_no = |v: Option<bool>| match v {
-        Some(true) => "yes",
-        Some(false) => "no",
-        None => "not stated",
-    };
-    let claims_text = format!(
-        "{runtime} claims user namespaces: {}, idmap mounts: {}",
-        yes_no(claims.user_namespaces),
-        yes_no(claims.idmap_mounts)
-    );
-    let mut mismatches = Vec::new();
-    if let (Some(claimed), Some(seen)) = (claims.user_namespaces, observed_userns) {
-        if claimed != seen {
-            mismatches.push(format!(
-                "user namespaces {}",
-                if seen { "work" } else { "do not work" }
-            ));
-        }
-    }
-    if let Some(seen) = observed_idmap {
-        let claimed = claims.idmap_mounts.unwrap_or(false);
-        if claimed != seen {
-            mismatches.push(format!(
-                "idmap mounts {}",
-                if seen { "work" } else { "are ignored" }
-            ));
-        }
-    }
-    if mismatches.is_empty() {
-        CheckResult::pass(check, format!("{claims_text}; consistent with the probes"))
-    } else {
-        CheckResult::fail(
-            check,
-            Reason::FeaturesMismatch,
-            format!(
-                "{claims_text}; but the probes observed: {}",
-                mismatches.join(", ")
-            ),
+/// A small tmpfs mounted for the `idmap-mount` probe (projected volumes are tmpfs, and
+/// tmpfs idmaps need Linux 6.3+); unmounted when dropped.
+#[derive(Debug)]
+pub struct TmpfsMount {
+    dir: HostDir,
+}
+
+impl TmpfsMount {
+    pub fn mount(dir: HostDir) -> Result<TmpfsMount, String> {
+        use nix::mount::{mount, MsFlags};
+        fs::create_dir_all(&dir.local).map_err(|e| format!("creating {}: {e}", dir.host.display()))?;
+        mount(
+            Some("tmpfs"),
+            &dir.local,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("size=1m,mode=0755"),
         )
+        .map_err(|e| format!("mounting a tmpfs at {}: {e}", dir.host.display()))?;
+        Ok(TmpfsMount { dir })
+    }
+
+    pub fn dir(&self) -> &HostDir {
+        &self.dir
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir.local, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(&self.dir.local);
+    }
+}
+
+/// What the host sees of the file the payload wrote in `dir`, never following a symlink.
+fn written(dir: &Path) -> Written {
+    match fs::symlink_metadata(dir.join(payload::IDMAP_WRITTEN_FILE)) {
+        Err(_) => Written::Nothing,
+        Ok(m) if m.file_type().is_file() => Written::File { host_uid: m.uid() },
+        Ok(_) => Written::NotAFile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_side_of_the_idmap_probe_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(written(dir.path()), Written::Nothing);
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join(payload::IDMAP_WRITTEN_FILE)).unwrap();
+        assert_eq!(
+            written(dir.path()),
+            Written::NotAFile,
+            "/etc/passwd is owned by 0 too"
+        );
+        fs::remove_file(dir.path().join(payload::IDMAP_WRITTEN_FILE)).unwrap();
+        fs::write(dir.path().join(payload::IDMAP_WRITTEN_FILE), "x").unwrap();
+        assert_eq!(
+            written(dir.path()),
+            Written::File {
+                host_uid: nix::unistd::geteuid().as_raw()
+            }
+        );
+    }
+
+    #[test]
+    fn probe_dirs_are_not_world_writable() {
+        let parent = tempfile::tempdir().unwrap();
+        let host = HostDir {
+            local: parent.path().to_owned(),
+            host: "/var/lib/kubelet".into(),
+        };
+        let d = probe_dir(&host).unwrap();
+        assert_eq!(
+            fs::metadata(&d.local).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        assert!(
+            d.host.to_string_lossy().starts_with("/var/lib/kubelet/ug-"),
+            "{}",
+            d.host.display()
+        );
     }
 }

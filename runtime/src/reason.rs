@@ -36,6 +36,12 @@ pub enum Reason {
     SelinuxDenied,
     /// The runtime's `features` document disagrees with what the probes observed.
     FeaturesMismatch,
+    /// The CRI runtime does not report user-namespace support for the handler, so the
+    /// kubelet (1.30+) refuses every `hostUsers: false` pod that selects it.
+    UsernsNotAdvertised,
+    /// A pod sandbox or container did not start through the CRI for a reason that is not a
+    /// user-namespace one (the pod fails anyway).
+    PodStartFailed,
     /// The runtime did not finish within the probe timeout.
     Timeout,
     /// A user-namespace failure that matches none of the specific reasons.
@@ -46,7 +52,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order: the domain of the `reason` metric label.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::MqueueSetxattr,
         Reason::MqueueOwnerUnmapped,
         Reason::IdmapUnsupported,
@@ -57,6 +63,8 @@ impl Reason {
         Reason::SubidUnavailable,
         Reason::SelinuxDenied,
         Reason::FeaturesMismatch,
+        Reason::UsernsNotAdvertised,
+        Reason::PodStartFailed,
         Reason::Timeout,
         Reason::OtherUserns,
         Reason::Unrelated,
@@ -75,6 +83,8 @@ impl Reason {
             Reason::SubidUnavailable => "subid_unavailable",
             Reason::SelinuxDenied => "selinux_denied",
             Reason::FeaturesMismatch => "features_mismatch",
+            Reason::UsernsNotAdvertised => "userns_not_advertised",
+            Reason::PodStartFailed => "pod_start_failed",
             Reason::Timeout => "timeout",
             Reason::OtherUserns => "other_userns",
             Reason::Unrelated => "unrelated",
@@ -91,7 +101,7 @@ impl Reason {
     pub const fn remediation(self) -> &'static str {
         match self {
             Reason::MqueueSetxattr | Reason::MqueueOwnerUnmapped => {
-                "upgrade runc to 1.2.1 or later, or select crun through a RuntimeClass"
+                "upgrade runc to 1.2.1 or later, or select crun 1.9 or later through a RuntimeClass (older crun has no `features`, so containerd 2.x does not advertise user namespaces for it)"
             }
             Reason::IdmapUnsupported => {
                 "use kernel 6.3+ for tmpfs and a filesystem with idmapped-mount support under the kubelet and containerd directories"
@@ -117,6 +127,12 @@ impl Reason {
             Reason::FeaturesMismatch => {
                 "do not trust the runtime's `features` claims on this node; schedule user-namespace pods by the usernsguard.io/userns label"
             }
+            Reason::UsernsNotAdvertised => {
+                "use containerd 2.0+ or CRI-O 1.30+ and a runtime whose `features` reports idmapped mounts (runc 1.2+, crun 1.9+), since that is what the CRI runtime advertises to the kubelet"
+            }
+            Reason::PodStartFailed => {
+                "read the CRI error in the message: the pod does not start through this handler, for a reason unrelated to user namespaces"
+            }
             Reason::Timeout => {
                 "check the runtime and node load; raise the probe timeout if the node is merely slow"
             }
@@ -136,7 +152,7 @@ impl fmt::Display for Reason {
 
 /// Returned when a string is not one of DESIGN.md's reason codes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown reason code {0:?}: expected one of mqueue_setxattr, mqueue_owner_unmapped, idmap_unsupported, idmap_ignored, userns_unsupported, sysfs_mount_eperm, proc_mount_eperm, subid_unavailable, selinux_denied, features_mismatch, timeout, other_userns, unrelated")]
+#[error("unknown reason code {0:?}: expected one of mqueue_setxattr, mqueue_owner_unmapped, idmap_unsupported, idmap_ignored, userns_unsupported, sysfs_mount_eperm, proc_mount_eperm, subid_unavailable, selinux_denied, features_mismatch, userns_not_advertised, pod_start_failed, timeout, other_userns, unrelated")]
 pub struct UnknownReason(pub String);
 
 impl FromStr for Reason {
@@ -181,6 +197,10 @@ mod tests {
         );
         assert!(Reason::IdmapIgnored.remediation().contains("crun 1.9+"));
         assert!(!Reason::Unrelated.is_userns());
-        assert_eq!(Reason::ALL.iter().filter(|r| r.is_userns()).count(), 12);
+        assert_eq!(Reason::ALL.iter().filter(|r| r.is_userns()).count(), 14);
+        assert!(Reason::MqueueSetxattr.remediation().contains("crun 1.9"));
+        assert!(Reason::UsernsNotAdvertised
+            .remediation()
+            .contains("containerd 2.0+"));
     }
 }

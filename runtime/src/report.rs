@@ -25,16 +25,28 @@ pub enum Check {
     IdmapMount,
     /// The runtime's `features` claims against what the probes observed.
     Features,
+    /// Whether the node's CRI runtime reports user-namespace support for the handler: the
+    /// field the kubelet copies to `node.status.runtimeHandlers` and checks before admitting
+    /// a `hostUsers: false` pod.
+    CriAdvertised,
+    /// A real pod sandbox with a user namespace and one container, run through the node's
+    /// CRI runtime and this handler the way the kubelet does.
+    CriPod,
 }
 
 impl Check {
-    /// Every check, in the order they run (features last: it compares the others).
-    pub const ALL: [Check; 4] = [
+    /// Every check, in report order (features after the probes it compares).
+    pub const ALL: [Check; 6] = [
         Check::UsernsCreated,
         Check::UsernsJoined,
         Check::IdmapMount,
         Check::Features,
+        Check::CriAdvertised,
+        Check::CriPod,
     ];
+
+    /// The checks that run a probe container directly through the OCI runtime binary.
+    pub const PROBES: [Check; 3] = [Check::UsernsCreated, Check::UsernsJoined, Check::IdmapMount];
 
     /// The wire name (CLI `--check`, JSON, `check` metric label).
     pub const fn as_str(self) -> &'static str {
@@ -43,7 +55,14 @@ impl Check {
             Check::UsernsJoined => "userns-joined",
             Check::IdmapMount => "idmap-mount",
             Check::Features => "features",
+            Check::CriAdvertised => "cri-advertised",
+            Check::CriPod => "cri-pod",
         }
+    }
+
+    /// Whether the check talks to the node's CRI runtime (and is skipped without one).
+    pub const fn is_cri(self) -> bool {
+        matches!(self, Check::CriAdvertised | Check::CriPod)
     }
 }
 
@@ -55,7 +74,7 @@ impl fmt::Display for Check {
 
 /// Returned when a string is not one of the four check names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown check {0:?}: expected one of userns-created, userns-joined, idmap-mount, features")]
+#[error("unknown check {0:?}: expected one of userns-created, userns-joined, idmap-mount, features, cri-advertised, cri-pod")]
 pub struct UnknownCheck(pub String);
 
 impl FromStr for Check {
@@ -71,11 +90,15 @@ impl FromStr for Check {
 
 /// Outcome of one check.
 ///
-/// `Fail` means the node is known to break user-namespace pods; `Error` means the probe
-/// itself could not reach a verdict (runtime missing, hung without a userns symptom, ...).
+/// `Fail` means the node is known to break user-namespace pods; `Warn` means such pods work
+/// on this node as it is configured but a known latent defect is present (today: an
+/// unmapped `/dev/mqueue` owner where the CRI runtime sets no SELinux mount label); `Error`
+/// means the probe itself could not reach a verdict (runtime missing, hung without a userns
+/// symptom, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum CheckOutcome {
     Pass,
+    Warn,
     Fail,
     Skip,
     Error,
@@ -85,10 +108,16 @@ impl CheckOutcome {
     pub const fn as_str(self) -> &'static str {
         match self {
             CheckOutcome::Pass => "Pass",
+            CheckOutcome::Warn => "Warn",
             CheckOutcome::Fail => "Fail",
             CheckOutcome::Skip => "Skip",
             CheckOutcome::Error => "Error",
         }
+    }
+
+    /// Pass and Warn: a `hostUsers: false` pod works as the node is configured.
+    pub const fn works(self) -> bool {
+        matches!(self, CheckOutcome::Pass | CheckOutcome::Warn)
     }
 }
 
@@ -98,7 +127,7 @@ impl CheckOutcome {
 pub struct CheckResult {
     pub check: Check,
     pub result: CheckOutcome,
-    /// Set for `Fail`, and for `Error` when the cause is known (e.g. `timeout`).
+    /// Set for `Fail` and `Warn`, and for `Error` when the cause is known (e.g. `timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
     /// What was observed, including the runtime's own error text on failure.
@@ -134,6 +163,10 @@ impl CheckResult {
         Self::new(check, CheckOutcome::Fail, Some(reason), message)
     }
 
+    pub fn warn(check: Check, reason: Reason, message: impl Into<String>) -> Self {
+        Self::new(check, CheckOutcome::Warn, Some(reason), message)
+    }
+
     pub fn skip(check: Check, message: impl Into<String>) -> Self {
         Self::new(check, CheckOutcome::Skip, None, message)
     }
@@ -153,14 +186,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// `pass` only if every applicable check passed; any `Fail` makes it `fail`; otherwise
-    /// (errors, or nothing applicable ran) we do not know, and say so.
+    /// `pass` only if every applicable check passed or warned; any `Fail` makes it `fail`;
+    /// otherwise (errors, or nothing applicable ran) we do not know, and say so.
     pub fn of(checks: &[CheckResult]) -> Verdict {
         if checks.iter().any(|c| c.result == CheckOutcome::Fail) {
             return Verdict::Fail;
         }
         let applicable: Vec<_> = checks.iter().filter(|c| c.result != CheckOutcome::Skip).collect();
-        if !applicable.is_empty() && applicable.iter().all(|c| c.result == CheckOutcome::Pass) {
+        if !applicable.is_empty() && applicable.iter().all(|c| c.result.works()) {
             Verdict::Pass
         } else {
             Verdict::Unknown
@@ -243,6 +276,27 @@ impl HandlerReport {
     }
 }
 
+/// The node's CRI runtime as the CRI checks found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CriSummary {
+    /// `containerd` or `cri-o`.
+    pub runtime: String,
+    /// As the CRI `Version` call reports it; empty when the socket did not answer.
+    #[serde(default)]
+    pub version: String,
+    /// The CRI socket, as a path on the host.
+    pub socket: String,
+    /// The configuration the handlers were read from (host path), when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Whether the CRI runtime puts SELinux labels on containers (containerd
+    /// `enable_selinux`, CRI-O `selinux`) and SELinux is enabled: where it does, an unmapped
+    /// `/dev/mqueue` owner makes runc's relabel fail and the pod never starts.
+    #[serde(default)]
+    pub selinux_labels: bool,
+}
+
 /// One complete self-test run on one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -251,7 +305,14 @@ pub struct SelfTestReport {
     pub started_at: String,
     pub duration_seconds: f64,
     pub node: NodeFacts,
+    /// The CRI runtime the CRI checks used; absent when none was reachable or asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cri: Option<CriSummary>,
     pub handlers: Vec<HandlerReport>,
+    /// Why the report has no handler, or why some checks could not run, in words for the
+    /// operator (e.g. no CRI configuration found on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl SelfTestReport {
@@ -277,6 +338,13 @@ mod tests {
     fn verdict_needs_every_applicable_check_to_pass() {
         use CheckOutcome::*;
         assert_eq!(Verdict::of(&[r(Pass), r(Pass), r(Skip)]), Verdict::Pass);
+        assert_eq!(
+            Verdict::of(&[r(Pass), r(Warn)]),
+            Verdict::Pass,
+            "a warning still works"
+        );
+        assert_eq!(Verdict::of(&[r(Warn), r(Fail)]), Verdict::Fail);
+        assert_eq!(Verdict::of(&[r(Warn), r(Error)]), Verdict::Unknown);
         assert_eq!(Verdict::of(&[r(Pass), r(Error)]), Verdict::Unknown);
         assert_eq!(Verdict::of(&[r(Error), r(Fail)]), Verdict::Fail);
         assert_eq!(Verdict::of(&[r(Skip)]), Verdict::Unknown);

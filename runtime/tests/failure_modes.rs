@@ -20,7 +20,13 @@ fn hanging_runtime_times_out_every_check_and_its_children_die() {
     let _serial = common::serial();
     let bin = tempfile::tempdir().unwrap();
     let (hang, marker) = common::hanging_runtime(bin.path());
-    let mut config = common::config(vec![hang], &[]);
+    let direct = [
+        Check::UsernsCreated,
+        Check::UsernsJoined,
+        Check::IdmapMount,
+        Check::Features,
+    ];
+    let mut config = common::config(vec![hang], &direct);
     config.timeout = Duration::from_millis(300);
     config.work_dir = work_dir("hang");
     let started = Instant::now();

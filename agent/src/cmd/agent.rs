@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kube::Client;
 use tokio::sync::watch;
+use usernsguard_runtime::host::HostRoot;
 
 use crate::http::{self, serve_while};
 use crate::metrics::Metrics;
@@ -22,12 +23,23 @@ pub struct AgentArgs {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = http::DEFAULT_ADDR)]
     pub listen: std::net::SocketAddr,
-    /// Directory for probe bundles and runtime state (a local filesystem; emptied after each run).
+    /// Where this container sees the host's root filesystem (the chart mounts / at /host).
+    /// The CRI configuration, runtime binaries, node facts, probe state, sockets and
+    /// installs are all the host's, under it.
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub host_root: std::path::PathBuf,
+    /// Directory for probe bundles and runtime state, a path on the host (a local
+    /// filesystem; emptied after each run).
     #[arg(long, default_value = "/run/usernsguard", value_name = "DIR")]
     pub work_dir: std::path::PathBuf,
-    /// The host's /etc, where the containerd or CRI-O configuration naming the runtime handlers is read.
-    #[arg(long, default_value = "/etc", value_name = "DIR")]
-    pub host_etc: std::path::PathBuf,
+    /// The CRI runtime's socket, a path on the host. Default: the one the node's containerd
+    /// or CRI-O configuration implies.
+    #[arg(long, value_name = "SOCK")]
+    pub cri_socket: Option<std::path::PathBuf>,
+    /// This agent's own image reference (it is on the node, since the agent runs from it):
+    /// the cri-pod check runs the probe payload from it. Without it cri-pod is skipped.
+    #[arg(long, env = "USERNSGUARD_PROBE_IMAGE", value_name = "REF")]
+    pub probe_image: Option<String>,
 }
 
 /// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`crate::node::run`] and the HTTP
@@ -43,11 +55,24 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
     let agent = Agent::new(
         client,
         AgentConfig::new(&args.node_name),
-        Arc::new(EngineRunner::new(args.work_dir.clone(), args.host_etc.clone())?),
+        Arc::new(engine(&args)?),
     )
     .with_metrics(metrics.clone());
     let watches = WatchConfig::new(&args.node_name, Arc::new(usernsguard_runtime::classify::classify));
     tracing::info!(node = %args.node_name, listen = %args.listen, "agent starting");
     let work = crate::node::run(agent, watches, metrics.clone(), ready);
     serve_while(listener, metrics, ready_rx, work, http::shutdown_signal()).await
+}
+
+/// The self-test engine acting on the host at `--host-root`.
+fn engine(args: &AgentArgs) -> anyhow::Result<EngineRunner> {
+    let host = if args.host_root == std::path::Path::new("/") {
+        HostRoot::own()
+    } else {
+        HostRoot::at(&args.host_root)?
+    };
+    let mut engine = EngineRunner::new(args.work_dir.clone(), host)?;
+    engine.cri_socket = args.cri_socket.clone();
+    engine.probe_image = args.probe_image.clone();
+    Ok(engine)
 }

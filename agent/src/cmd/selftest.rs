@@ -4,14 +4,18 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use usernsguard_runtime::discover::{find_on_path, RuntimeHandler};
-use usernsguard_runtime::selftest::{self, SelfTestConfig};
+use usernsguard_runtime::cri_config;
+use usernsguard_runtime::discover::RuntimeHandler;
+use usernsguard_runtime::host::{HostRoot, SERVICE_PATH};
+use usernsguard_runtime::selftest::{self, CriSetup, SelfTestConfig};
 use usernsguard_runtime::{Check, CheckOutcome, SelfTestReport, SelinuxFacts, Verdict};
+
+use crate::payload::image_command;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -21,10 +25,28 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct SelftestArgs {
-    /// Runtime handler to test, as NAME=PATH (repeatable). Default: runc and crun found on PATH.
+    /// Runtime handler to test, as NAME=PATH (repeatable; PATH on the host). Default: the
+    /// handlers --cri-config registers, else runc and crun found on the host's PATH.
     #[arg(long = "runtime", value_name = "NAME=PATH", value_parser = parse_handler)]
     runtimes: Vec<RuntimeHandler>,
-    /// Check to run (repeatable). Default: all of userns-created, userns-joined, idmap-mount, features.
+    /// The containerd or CRI-O configuration file (a path on the host) whose runtime handlers
+    /// to test, exactly as the agent finds them; enables the CRI checks against its socket.
+    #[arg(long, value_name = "FILE", conflicts_with = "runtimes")]
+    cri_config: Option<PathBuf>,
+    /// The CRI runtime's socket (a path on the host), for the cri-advertised and cri-pod
+    /// checks. Default: the one --cri-config names, or its CRI runtime's default.
+    #[arg(long, value_name = "SOCK")]
+    cri_socket: Option<PathBuf>,
+    /// Where this process sees the host's root filesystem (in a container: the hostPath
+    /// mount of /); every host path (runtimes, configs, work dir, sockets) is under it.
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    host_root: PathBuf,
+    /// An image already on the node holding this binary at /usr/local/bin/usernsguard, for
+    /// the cri-pod check (the agent passes its own image). Without it cri-pod is skipped.
+    #[arg(long, value_name = "REF")]
+    probe_image: Option<String>,
+    /// Check to run (repeatable). Default: all of userns-created, userns-joined, idmap-mount,
+    /// features, cri-advertised, cri-pod.
     #[arg(long = "check", value_name = "CHECK", value_parser = parse_check)]
     checks: Vec<Check>,
     /// Per-probe timeout (e.g. 10s, 1500ms, 1m); a runtime that hangs is killed after it.
@@ -33,7 +55,8 @@ pub struct SelftestArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Directory for probe bundles and runtime state; emptied after every run.
+    /// Directory for probe bundles and runtime state (a path on the host); emptied after
+    /// every run.
     #[arg(long, default_value = "/run/usernsguard", value_name = "DIR")]
     work_dir: PathBuf,
     /// First host uid/gid of the 65536 ids the probes map.
@@ -71,33 +94,74 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl SelftestArgs {
-    /// The handlers to test: explicit ones, or runc and crun from PATH.
-    fn handlers(&self) -> Result<Vec<RuntimeHandler>, String> {
-        if !self.runtimes.is_empty() {
-            return Ok(self.runtimes.clone());
+    /// The handlers to test, the CRI runtime the CRI checks use, and why there is none.
+    fn handlers(&self, host: &HostRoot) -> Result<(Vec<RuntimeHandler>, Option<CriSetup>, String), String> {
+        if let Some(file) = &self.cri_config {
+            let config = cri_config::read_file(host, file).map_err(|e| e.to_string())?;
+            let handlers = config.resolve(host);
+            let socket = self.cri_socket.clone().unwrap_or_else(|| config.socket());
+            let setup = self.cri_setup(socket, Some(config));
+            return Ok((handlers, Some(setup), String::new()));
         }
-        let path = std::env::var_os("PATH");
+        let setup = self.cri_socket.clone().map(|s| self.cri_setup(s, None));
+        let no_cri = match usernsguard_runtime::cri::detect_socket(host) {
+            Some(found) => format!(
+                "the handlers were not read from a CRI configuration; pass --cri-config to check what the kubelet gets (a CRI socket is at {})",
+                found.display()
+            ),
+            None => "no CRI runtime given (--cri-config or --cri-socket) or found on this host".into(),
+        };
+        if !self.runtimes.is_empty() {
+            return Ok((self.runtimes.clone(), setup, no_cri));
+        }
         let found: Vec<_> = ["runc", "crun"]
             .into_iter()
-            .filter_map(|name| find_on_path(name, path.as_deref()).map(|p| RuntimeHandler::new(name, p)))
+            .filter_map(|name| {
+                host.find_on_path(name, SERVICE_PATH)
+                    .map(|p| RuntimeHandler::new(name, p))
+            })
             .collect();
         if found.is_empty() {
             return Err(
-                "no runtime to test: neither runc nor crun is on PATH; pass --runtime NAME=PATH".into(),
+                "no runtime to test: neither runc nor crun is on PATH; pass --runtime NAME=PATH or --cri-config FILE"
+                    .into(),
             );
         }
-        Ok(found)
+        Ok((found, setup, no_cri))
+    }
+
+    fn cri_setup(&self, socket: PathBuf, config: Option<cri_config::CriConfig>) -> CriSetup {
+        CriSetup {
+            socket,
+            config,
+            probe_image: self.probe_image.clone(),
+            image_command: image_command(),
+        }
     }
 
     pub fn config(&self) -> Result<SelfTestConfig, String> {
+        if self.checks == [Check::Features] {
+            return Err(
+                "the features check compares the runtime's claims with the probes' observations: select at least one of userns-created, userns-joined, idmap-mount with it".into(),
+            );
+        }
+        let host = if self.host_root == Path::new("/") {
+            HostRoot::own()
+        } else {
+            HostRoot::at(&self.host_root).map_err(|e| e.to_string())?
+        };
         let payload = crate::payload::own_payload()
             .map_err(|e| format!("cannot locate the usernsguard binary: {e}"))?;
-        let mut config = SelfTestConfig::new(self.handlers()?, payload);
+        let (handlers, cri, no_cri) = self.handlers(&host)?;
+        let mut config = SelfTestConfig::new(handlers, payload);
         config.checks = self.checks.clone();
         config.timeout = self.timeout;
         config.work_dir = self.work_dir.clone();
         config.id_base = self.id_base;
         config.selinux = self.selinux_mount_label.clone().map(SelinuxFacts::enforcing);
+        config.host = host;
+        config.cri = cri;
+        config.no_cri = no_cri;
         Ok(config)
     }
 }
@@ -165,8 +229,8 @@ pub fn exit_code(report: &SelfTestReport) -> ExitCode {
     }
 }
 
-/// The at-a-glance view: node facts, one row per handler and check, then each failing
-/// handler's remediation.
+/// The at-a-glance view: node facts, the CRI runtime, one row per handler and check, then
+/// each handler's verdict with the fix for every failure, error and warning.
 pub fn render_table(report: &SelfTestReport) -> String {
     let node = &report.node;
     let mut out = format!(
@@ -184,6 +248,22 @@ pub fn render_table(report: &SelfTestReport) -> String {
     );
     for fs in &node.idmap_filesystems {
         out.push_str(&format!("idmap: {} on {}: {}\n", fs.path, fs.fs_type, fs.note));
+    }
+    if let Some(cri) = &report.cri {
+        out.push_str(&format!(
+            "cri: {} {} at {}{}, SELinux labels {}\n",
+            cri.runtime,
+            cri.version,
+            cri.socket,
+            cri.config
+                .as_deref()
+                .map(|c| format!(" (config {c})"))
+                .unwrap_or_default(),
+            if cri.selinux_labels { "on" } else { "off" }
+        ));
+    }
+    if let Some(problem) = &report.problem {
+        out.push_str(&format!("problem: {problem}\n"));
     }
     out.push('\n');
     let mut rows = vec![[
@@ -225,15 +305,20 @@ pub fn render_table(report: &SelfTestReport) -> String {
     }
     out.push('\n');
     for h in &report.handlers {
-        out.push_str(&format!("{}: {}\n", h.handler, h.verdict.as_str().to_uppercase()));
-        if h.verdict == Verdict::Pass {
-            continue;
+        let warnings = h.checks.iter().filter(|c| c.result == CheckOutcome::Warn).count();
+        out.push_str(&format!("{}: {}", h.handler, h.verdict.as_str().to_uppercase()));
+        if warnings > 0 {
+            out.push_str(&format!(
+                " ({warnings} warning{})",
+                if warnings == 1 { "" } else { "s" }
+            ));
         }
-        for c in h
-            .checks
-            .iter()
-            .filter(|c| matches!(c.result, CheckOutcome::Fail | CheckOutcome::Error))
-        {
+        out.push('\n');
+        for c in h.checks.iter().filter(|c| {
+            matches!(c.result, CheckOutcome::Warn)
+                || (h.verdict != Verdict::Pass
+                    && matches!(c.result, CheckOutcome::Fail | CheckOutcome::Error))
+        }) {
             let fix = c.remediation.as_deref().unwrap_or("see the message");
             out.push_str(&format!(
                 "  {} {}: {}\n    fix: {fix}\n",
@@ -274,6 +359,8 @@ mod tests {
                 cgroup: CgroupMode::V2,
                 idmap_filesystems: vec![],
             },
+            cri: None,
+            problem: None,
             handlers: verdicts
                 .iter()
                 .map(|(name, checks)| HandlerReport {

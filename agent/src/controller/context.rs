@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
+use kube::api::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::Client;
@@ -34,6 +36,9 @@ pub struct Context {
     pub client: Client,
     /// Every NodeReport, kept current by a watch.
     pub reports: Store<NodeReport>,
+    /// Every Node's metadata (labels decide which ones a SelfTest selects), kept current by
+    /// a watch.
+    pub nodes: Store<PartialObjectMeta<Node>>,
 }
 
 impl std::fmt::Debug for Context {

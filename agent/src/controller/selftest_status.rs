@@ -3,13 +3,14 @@
 //! driven by watches (see [`super::run`]); status is written only when it differs from what
 //! the object already carries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -48,21 +49,32 @@ fn combine(a: Verdict, b: Verdict) -> Verdict {
     }
 }
 
-/// The status the SelfTest should have, from the NodeReports. A node counts when its agent
-/// reported for this SelfTest; it is pending while its results are for an older generation.
-/// `now` stamps conditions whose status changed (existing ones keep their time).
-pub fn desired_status(st: &SelfTest, reports: &[Arc<NodeReport>], now: Timestamp) -> SelfTestStatus {
+/// The status the SelfTest should have, from the NodeReports and the cluster's nodes. A node
+/// counts when the SelfTest selects it or its agent reported for it; it is pending while its
+/// results are for an older generation, and not reported while it has none (so a node whose
+/// agent is down, or found nothing to probe, shows as such instead of vanishing). `now`
+/// stamps conditions whose status changed (existing ones keep their time).
+pub fn desired_status(
+    st: &SelfTest,
+    reports: &[Arc<NodeReport>],
+    nodes: &[Arc<PartialObjectMeta<Node>>],
+    now: Timestamp,
+) -> SelfTestStatus {
     let name = st.name_any();
     let generation = st.meta().generation.unwrap_or(0);
     let mut overall: Vec<NodeState> = Vec::new();
     let mut per_handler: BTreeMap<String, Vec<NodeState>> = BTreeMap::new();
     let mut last_run: Option<Timestamp> = None;
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut explained = 0;
     for nr in reports {
         let Some(status) = &nr.status else { continue };
         let mine: Vec<_> = status.results.iter().filter(|r| r.self_test == name).collect();
         if mine.is_empty() {
+            explained += i32::from(status.problems.iter().any(|p| p.self_test == name));
             continue;
         }
+        reported.insert(nr.name_any());
         let current = mine.iter().all(|r| r.generation >= generation);
         let mut node_verdict = Verdict::Pass;
         for r in &mine {
@@ -84,7 +96,13 @@ pub fn desired_status(st: &SelfTest, reports: &[Arc<NodeReport>], now: Timestamp
             NodeState::Pending
         });
     }
-    let nodes = count(overall.into_iter());
+    let not_reported = nodes
+        .iter()
+        .filter(|n| st.spec.selects(n.labels()) && !reported.contains(&n.name_any()))
+        .count() as i32;
+    let mut nodes = count(overall.into_iter());
+    nodes.total += not_reported;
+    nodes.not_reported = not_reported;
     let handlers = per_handler
         .into_iter()
         .map(|(handler, states)| HandlerNodeCounts {
@@ -92,13 +110,24 @@ pub fn desired_status(st: &SelfTest, reports: &[Arc<NodeReport>], now: Timestamp
             counts: count(states.into_iter()),
         })
         .collect();
-    let unknown = nodes.total - nodes.passed - nodes.failed - nodes.pending;
+    let unknown = nodes.total - nodes.passed - nodes.failed - nodes.pending - nodes.not_reported;
     let old = st.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let ready = if nodes.total == 0 {
         (
             "False",
             "NoReports",
             "no node has reported for this SelfTest yet".to_owned(),
+        )
+    } else if nodes.not_reported > 0 {
+        (
+            "False",
+            "NodesNotReporting",
+            format!(
+                "{not_reported} of {} selected nodes have no result: no agent there, or it found nothing to probe \
+                 ({} of them say why in their NodeReport's problems)",
+                nodes.total,
+                explained.min(not_reported)
+            ),
         )
     } else if nodes.pending > 0 {
         (
@@ -169,7 +198,10 @@ pub async fn reconcile_selftest(st: Arc<SelfTest>, ctx: Arc<Context>) -> Result<
     if ctx.reports.wait_until_ready().await.is_err() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let desired = desired_status(&st, &ctx.reports.state(), Timestamp::now());
+    if ctx.nodes.wait_until_ready().await.is_err() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let desired = desired_status(&st, &ctx.reports.state(), &ctx.nodes.state(), Timestamp::now());
     if st.status.as_ref() == Some(&desired) {
         return Ok(Action::await_change());
     }
@@ -277,6 +309,7 @@ mod tests {
         st.status = Some(desired_status(
             &st,
             &ctx.reports.state(),
+            &ctx.nodes.state(),
             "2026-11-29T03:00:00Z".parse().unwrap(),
         ));
         // Later, nothing changed: the same status (condition times kept), no request.
@@ -291,14 +324,15 @@ mod tests {
             "n1",
             &[("default", "runc", 1, Verdict::Pass)],
         ))];
-        let s = desired_status(&SelfTest::test(), &reports, Timestamp::UNIX_EPOCH);
+        let s = desired_status(&SelfTest::test(), &reports, &[], Timestamp::UNIX_EPOCH);
         assert_eq!(
             s.nodes.unwrap(),
             NodeCounts {
                 total: 1,
                 passed: 1,
                 failed: 0,
-                pending: 0
+                pending: 0,
+                not_reported: 0,
             }
         );
         assert_eq!(
@@ -309,7 +343,7 @@ mod tests {
             (s.conditions[1].type_.as_str(), s.conditions[1].status.as_str()),
             ("Degraded", "False")
         );
-        let none = desired_status(&SelfTest::test(), &[], Timestamp::UNIX_EPOCH);
+        let none = desired_status(&SelfTest::test(), &[], &[], Timestamp::UNIX_EPOCH);
         assert_eq!(none.nodes.unwrap().total, 0);
         assert_eq!(none.conditions[0].reason, "NoReports");
     }
@@ -332,5 +366,48 @@ mod tests {
             error_policy(Arc::new(SelfTest::test()), &err, ctx),
             Action::requeue(Duration::from_secs(15))
         );
+    }
+
+    /// Selected nodes that never reported count, and say why when their agent could: a
+    /// SelfTest whose nodes are silent is not `AllReported`.
+    #[tokio::test]
+    async fn selected_nodes_without_results_are_counted_as_not_reported() {
+        use crate::crd::SelfTestProblem;
+        use crate::testing::node_meta;
+        let mut silent = NodeReport::test("n3", &[]);
+        silent.status.as_mut().unwrap().problems = vec![SelfTestProblem {
+            self_test: "default".into(),
+            message: "no containerd or CRI-O configuration on this node".into(),
+        }];
+        let reports: Vec<Arc<NodeReport>> = vec![
+            Arc::new(NodeReport::test("n1", &[("default", "runc", 1, Verdict::Pass)])),
+            Arc::new(silent),
+        ];
+        let nodes: Vec<Arc<PartialObjectMeta<Node>>> = vec![
+            Arc::new(node_meta("n1", [("pool", "userns")])),
+            Arc::new(node_meta("n2", [("pool", "userns")])),
+            Arc::new(node_meta("n3", [("pool", "userns")])),
+            Arc::new(node_meta("n4", [("pool", "other")])),
+        ];
+        let st = SelfTest::test().selecting("pool", "userns");
+        let s = desired_status(&st, &reports, &nodes, Timestamp::UNIX_EPOCH);
+        let counts = s.nodes.unwrap();
+        assert_eq!(
+            (counts.total, counts.passed, counts.not_reported),
+            (3, 1, 2),
+            "n2 (no agent) and n3 (nothing to probe) are selected and silent; n4 is not selected"
+        );
+        let ready = &s.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NodesNotReporting")
+        );
+        assert!(
+            ready.message.contains("2 of 3 selected nodes have no result"),
+            "{}",
+            ready.message
+        );
+        assert!(ready.message.contains("(1 of them say why"), "{}", ready.message);
+        assert_eq!(s.conditions[1].status, "False", "silence is not a failure");
     }
 }

@@ -73,6 +73,12 @@ pub struct NodeReportStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["runtimeProfile"]))]
     pub installs: Vec<RuntimeInstallStatus>,
 
+    /// Why a SelfTest that selects this node has no results here (no CRI configuration found,
+    /// no handler the probes can drive), so a silent node is told from a healthy one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["selfTest"]))]
+    pub problems: Vec<SelfTestProblem>,
+
     /// `handler=verdict` pairs of the latest results, space separated and sorted by handler
     /// (for `kubectl get nr`; the same verdicts are the node's `usernsguard.io/userns.*` labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +135,16 @@ pub struct SelfTestResult {
     /// with result, reason, message, remediation and duration.
     #[serde(flatten)]
     pub report: HandlerReport,
+}
+
+/// Why one SelfTest produced no result on this node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelfTestProblem {
+    /// Name of the SelfTest.
+    pub self_test: String,
+    /// What is wrong, for the operator.
+    pub message: String,
 }
 
 /// How far installing one RuntimeProfile's runtime on this node got.

@@ -82,7 +82,10 @@ fn default_probe_timeout_seconds() -> i32 {
 #[x_kube(
     validation = Rule::new("!has(self.interval) || duration(self.interval) > duration(string(self.probeTimeoutSeconds) + 's')")
         .message("interval must be longer than probeTimeoutSeconds")
-        .field_path(".interval")
+        .field_path(".interval"),
+    validation = Rule::new("!self.publishNodeLabels || !has(self.checks) || size(self.checks) == 0 || size(self.checks) == 6")
+        .message("node labels are verdicts, and a verdict needs every check: leave checks empty or set publishNodeLabels: false")
+        .field_path(".checks")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SelfTestSpec {
@@ -100,12 +103,14 @@ pub struct SelfTestSpec {
     pub runtime_handlers: Vec<String>,
 
     /// Checks to run. Empty: all of them. `features` compares the runtime's claims with the
-    /// other checks' observations, so it is only meaningful together with at least one of them.
+    /// probes' observations, so it is only meaningful together with at least one probe
+    /// (`userns-created`, `userns-joined`, `idmap-mount`). A subset of the checks is no
+    /// verdict, so it needs `publishNodeLabels: false`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(max = 6), extend("x-kubernetes-list-type" = "set"))]
     #[x_kube(
-        validation = Rule::new("self.size() == 0 || self.exists(c, c != 'features')")
-            .message("the features check compares the other checks' observations: select at least one of userns-created, userns-joined, idmap-mount with it")
+        validation = Rule::new("!('features' in self) || self.exists(c, c in ['userns-created', 'userns-joined', 'idmap-mount'])")
+            .message("the features check compares the probes' observations: select at least one of userns-created, userns-joined, idmap-mount with it")
     )]
     pub checks: Vec<Check>,
 
@@ -127,6 +132,7 @@ pub struct SelfTestSpec {
 
     /// Whether the agent sets the `usernsguard.io/userns.<handler>` = `pass` | `fail` |
     /// `unknown` node labels from this SelfTest's results (what a RuntimeClass schedules on).
+    /// Only a SelfTest that runs every check can publish them.
     #[serde(default = "default_true")]
     pub publish_node_labels: bool,
 }
@@ -173,8 +179,8 @@ pub struct SelfTestStatus {
     pub last_run_time: Option<Time>,
 }
 
-/// How many selected nodes are in which state. `passed + failed + pending <= total`; the
-/// remainder has a result whose verdict is `unknown` (probe errors).
+/// How many selected nodes are in which state. `passed + failed + pending + notReported <=
+/// total`; the remainder has a result whose verdict is `unknown` (probe errors).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCounts {
@@ -187,6 +193,11 @@ pub struct NodeCounts {
     /// Selected nodes without a result for the observed generation yet.
     #[schemars(range(min = 0))]
     pub pending: i32,
+    /// Selected nodes with no result at all for this SelfTest: no agent runs there, or it
+    /// found nothing it can probe (the node's NodeReport `problems` say why).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub not_reported: i32,
 }
 
 /// Node counts for one runtime handler.
@@ -218,6 +229,20 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         }
     }
     (num.is_empty() && !s.is_empty()).then(|| Duration::from_secs(total))
+}
+
+impl SelfTestSpec {
+    /// A SelfTest selects a node when every `nodeSelector` label matches.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// Whether this SelfTest's results may set the node's verdict labels: it asks for them
+    /// and runs every check (a verdict from some of the checks could pass a broken runc).
+    pub fn decides_labels(&self) -> bool {
+        self.publish_node_labels
+            && (self.checks.is_empty() || Check::ALL.iter().all(|c| self.checks.contains(c)))
+    }
 }
 
 fn default_true() -> bool {

@@ -1,61 +1,82 @@
 //! The self-test engine as the in-cluster agent runs it: the handlers come from the node's
-//! CRI runtime configuration (containerd or CRI-O), so the verdict is about the binaries the
-//! kubelet's pods will actually get, and the payload is this binary.
+//! CRI runtime configuration (containerd or CRI-O, found on the host), so the verdict is
+//! about the binaries the kubelet's pods will actually get, run on the host (see
+//! `usernsguard_runtime::host`); the payload is this binary, and the `cri-pod` check runs
+//! it from the agent's own image.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use usernsguard_runtime::bundle::Payload;
-use usernsguard_runtime::cri_config;
-use usernsguard_runtime::discover::{find_on_path, RuntimeHandler};
+use usernsguard_runtime::cri_config::{self, CriConfig};
+use usernsguard_runtime::discover::RuntimeHandler;
 use usernsguard_runtime::facts::{HostPaths, NodeFacts};
+use usernsguard_runtime::host::HostRoot;
 use usernsguard_runtime::report::{Check, HandlerReport, SelfTestReport};
-use usernsguard_runtime::selftest::{self, SelfTestConfig};
+use usernsguard_runtime::selftest::{self, CriSetup, SelfTestConfig};
 
 use super::runner::{RunRequest, SelfTestRunner};
+use crate::payload::image_command;
 
 /// [`SelfTestRunner`] backed by `usernsguard_runtime::selftest::run`.
 #[derive(Debug, Clone)]
 pub struct EngineRunner {
     pub payload: Payload,
-    /// Where probe bundles and runtime state live (emptied after every run).
+    /// Where probe bundles and runtime state live, as a host path (emptied after every run).
     pub work_dir: PathBuf,
-    /// The host's `/etc`, where `containerd/config.toml` or `crio/` is read from.
-    pub etc: PathBuf,
+    /// Where this process sees the host's `/`.
+    pub host: HostRoot,
+    /// The CRI socket (host path) when not the one the node's configuration implies.
+    pub cri_socket: Option<PathBuf>,
+    /// The agent's own image, on the node, for `cri-pod`.
+    pub probe_image: Option<String>,
 }
 
 impl EngineRunner {
     /// The running `usernsguard` binary is the probe payload.
-    pub fn new(work_dir: PathBuf, etc: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(work_dir: PathBuf, host: HostRoot) -> anyhow::Result<Self> {
         let payload = crate::payload::own_payload()
             .context("cannot locate the usernsguard binary for the probe payload")?;
         Ok(EngineRunner {
             payload,
             work_dir,
-            etc,
+            host,
+            cri_socket: None,
+            probe_image: None,
         })
     }
 
-    /// The handlers to probe and, separately, requested names the node does not register.
-    fn handlers(&self, requested: &[String]) -> Result<(Vec<RuntimeHandler>, Vec<String>), String> {
-        let path = std::env::var_os("PATH");
-        let registered = cri_config::node_handlers(&self.etc, |name| find_on_path(name, path.as_deref()))
-            .map_err(|e| e.to_string())?;
-        if requested.is_empty() {
-            return Ok((registered, Vec::new()));
+    /// The node's CRI configuration, or why there is none.
+    fn cri_config(&self) -> Result<CriConfig, String> {
+        match cri_config::discover(&self.host) {
+            Ok(Some(c)) => Ok(c),
+            Ok(None) => Err(format!(
+                "no containerd or CRI-O configuration on this node (looked for {}, {} and {} under host root {})",
+                cri_config::CONTAINERD_CONFIGS.map(|(c, _)| c).join(", "),
+                cri_config::CRIO_CONFIG,
+                cri_config::CRIO_DROP_INS,
+                self.host.root().display()
+            )),
+            Err(e) => Err(format!("cannot read the node's CRI runtime configuration: {e}")),
         }
-        let selected = registered
-            .iter()
-            .filter(|h| requested.contains(&h.name))
-            .cloned()
-            .collect();
-        let missing = requested
-            .iter()
-            .filter(|r| !registered.iter().any(|h| &h.name == *r))
-            .cloned()
-            .collect();
-        Ok((selected, missing))
     }
+}
+
+/// The handlers to probe out of those `registered`, and the requested names that are not.
+fn select(registered: Vec<RuntimeHandler>, requested: &[String]) -> (Vec<RuntimeHandler>, Vec<String>) {
+    if requested.is_empty() {
+        return (registered, Vec::new());
+    }
+    let missing = requested
+        .iter()
+        .filter(|r| !registered.iter().any(|h| &h.name == *r))
+        .cloned()
+        .collect();
+    let selected = registered
+        .into_iter()
+        .filter(|h| requested.contains(&h.name))
+        .collect();
+    (selected, missing)
 }
 
 impl SelfTestRunner for EngineRunner {
@@ -65,47 +86,92 @@ impl SelfTestRunner for EngineRunner {
         } else {
             req.checks.clone()
         };
-        let (handlers, missing, config_error) = match self.handlers(&req.handlers) {
-            Ok((h, m)) => (h, m, None),
-            Err(e) => (Vec::new(), req.handlers.clone(), Some(e)),
+        let (config, handlers, missing, problem) = match self.cri_config() {
+            Ok(config) => {
+                let (handlers, missing) = select(config.resolve(&self.host), &req.handlers);
+                (Some(config), handlers, missing, None)
+            }
+            Err(problem) => (None, Vec::new(), req.handlers.clone(), Some(problem)),
         };
-        let mut config = SelfTestConfig::new(handlers, self.payload.clone());
-        config.checks = checks.clone();
-        config.timeout = req.timeout;
-        config.work_dir = self.work_dir.clone();
-        let mut report = match selftest::run(&config) {
-            Ok(report) => report,
-            Err(e) => {
-                let message = e.to_string();
-                tracing::error!(error = %message, "self-test could not run");
-                let unprobed = config
-                    .handlers
+        let mut selftest = SelfTestConfig::new(handlers, self.payload.clone());
+        selftest.checks = checks.clone();
+        selftest.timeout = req.timeout;
+        selftest.work_dir = self.work_dir.clone();
+        selftest.host = self.host.clone();
+        let files = config
+            .as_ref()
+            .map(|c| {
+                c.files
                     .iter()
-                    .map(|h| {
-                        HandlerReport::unprobed(&h.name, &h.binary.display().to_string(), &checks, &message)
-                    })
-                    .collect();
-                SelfTestReport {
-                    started_at: jiff::Timestamp::now().to_string(),
-                    duration_seconds: 0.0,
-                    node: NodeFacts::gather(&HostPaths::default()),
-                    handlers: unprobed,
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        if let Some(config) = config {
+            selftest.cri = Some(CriSetup {
+                socket: self.cri_socket.clone().unwrap_or_else(|| config.socket()),
+                config: Some(config),
+                probe_image: self.probe_image.clone(),
+                image_command: image_command(),
+            });
+        }
+        let mut report = if selftest.handlers.is_empty() {
+            empty_report(&self.host)
+        } else {
+            match selftest::run(&selftest) {
+                Ok(report) => report,
+                Err(e) => {
+                    let message = e.to_string();
+                    tracing::error!(error = %message, "self-test could not run");
+                    let mut report = empty_report(&self.host);
+                    report.handlers = selftest
+                        .handlers
+                        .iter()
+                        .map(|h| {
+                            HandlerReport::unprobed(
+                                &h.name,
+                                &h.binary.display().to_string(),
+                                &checks,
+                                &message,
+                            )
+                        })
+                        .collect();
+                    report
                 }
             }
         };
-        for name in missing {
-            let message = match &config_error {
-                Some(e) => format!("cannot read the node's CRI runtime configuration: {e}"),
+        for name in &missing {
+            let message = match &problem {
+                Some(p) => p.clone(),
                 None => format!(
-                    "runtime handler {name:?} is not registered in the node's containerd or CRI-O configuration under {}",
-                    self.etc.display()
+                    "runtime handler {name:?} is not registered in the node's CRI runtime configuration ({files})"
                 ),
             };
             report
                 .handlers
-                .push(HandlerReport::unprobed(&name, "", &checks, &message));
+                .push(HandlerReport::unprobed(name, "", &checks, &message));
+        }
+        if report.handlers.is_empty() {
+            report.problem = Some(problem.unwrap_or_else(|| {
+                format!("the node's CRI runtime configuration ({files}) registers no runtime handler usernsguard can probe")
+            }));
+        } else if let Some(p) = problem {
+            report.problem = Some(p);
         }
         report
+    }
+}
+
+/// A report with the node's facts and no handler, for runs that probed nothing.
+fn empty_report(host: &HostRoot) -> SelfTestReport {
+    SelfTestReport {
+        started_at: jiff::Timestamp::now().to_string(),
+        duration_seconds: 0.0,
+        node: NodeFacts::gather(&HostPaths::of(host)),
+        cri: None,
+        handlers: Vec::new(),
+        problem: None,
     }
 }
 
@@ -116,14 +182,16 @@ mod tests {
     use super::*;
     use usernsguard_runtime::{CheckOutcome, Verdict};
 
-    fn runner(etc: &std::path::Path, work: &str) -> EngineRunner {
+    fn runner(host: &std::path::Path, work: &str) -> EngineRunner {
         EngineRunner {
             payload: Payload {
                 host_path: "/bin/true".into(),
                 args: vec![],
             },
             work_dir: PathBuf::from(work),
-            etc: etc.to_owned(),
+            host: HostRoot::at(host).unwrap(),
+            cri_socket: None,
+            probe_image: None,
         }
     }
 
@@ -135,10 +203,10 @@ mod tests {
             0,
             "the self-test engine needs root, as CI has"
         );
-        let etc = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(etc.path().join("containerd")).unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("etc/containerd")).unwrap();
         std::fs::write(
-            etc.path().join("containerd/config.toml"),
+            host.path().join("etc/containerd/config.toml"),
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.broken.options]\nBinaryName = \"/nonexistent/runc\"\n",
         )
         .unwrap();
@@ -147,7 +215,7 @@ mod tests {
             checks: vec![Check::UsernsCreated],
             timeout: Duration::from_secs(5),
         };
-        let report = runner(etc.path(), "/run/usernsguard-engine-test").run(&req);
+        let report = runner(host.path(), "/run/usernsguard-engine-test").run(&req);
         let broken = report.handler("broken").expect("registered handler probed");
         assert_eq!(broken.binary, "/nonexistent/runc");
         assert_eq!(broken.checks[0].result, CheckOutcome::Error);
@@ -171,17 +239,17 @@ mod tests {
 
     #[test]
     fn an_unparsable_cri_config_is_reported_on_every_requested_handler() {
-        let etc = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(etc.path().join("containerd")).unwrap();
-        std::fs::write(etc.path().join("containerd/config.toml"), "[plugins\n").unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("etc/containerd")).unwrap();
+        std::fs::write(host.path().join("etc/containerd/config.toml"), "[plugins\n").unwrap();
         let req = RunRequest {
             handlers: vec!["runc".into()],
             checks: vec![],
             timeout: Duration::from_secs(5),
         };
-        let report = runner(etc.path(), "/run/usernsguard-engine-test").run(&req);
+        let report = runner(host.path(), "/run/usernsguard-engine-test").run(&req);
         let runc = report.handler("runc").unwrap();
-        assert_eq!(runc.checks.len(), 4);
+        assert_eq!(runc.checks.len(), Check::ALL.len());
         assert!(
             runc.checks[0].message.contains("is not valid TOML"),
             "{}",

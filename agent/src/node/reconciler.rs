@@ -35,7 +35,8 @@ use usernsguard_runtime::report::{HandlerReport, SelfTestReport, Verdict};
 use super::runner::{RunRequest, SelfTestRunner};
 use crate::crd::names::{self, AGENT_FIELD_MANAGER, USERNS_LABEL_PREFIX};
 use crate::crd::{
-    parse_go_duration, NodeReport, NodeReportStatus, RuntimeHandlerInfo, SelfTest, SelfTestResult,
+    parse_go_duration, CriRuntime, CriRuntimeInfo, NodeReport, NodeReportStatus, RuntimeHandlerInfo,
+    SelfTest, SelfTestProblem, SelfTestResult,
 };
 use crate::metrics::Metrics;
 
@@ -158,7 +159,7 @@ impl Agent {
         let selected: Vec<&SelfTest> = selftests
             .iter()
             .map(|s| s.as_ref())
-            .filter(|s| s.meta().deletion_timestamp.is_none() && selects(s, node))
+            .filter(|s| s.meta().deletion_timestamp.is_none() && s.spec.selects(node.labels()))
             .collect();
         // Results of SelfTests that are gone or no longer select the node are dropped: their
         // labels and NodeReport entries disappear with the next publish.
@@ -219,7 +220,8 @@ impl Agent {
     /// node and publishes labels, the worst verdict (fail > unknown > pass).
     fn desired_labels(&self, selected: &[&SelfTest]) -> BTreeMap<String, String> {
         let mut worst: BTreeMap<String, Verdict> = BTreeMap::new();
-        for st in selected.iter().filter(|s| s.spec.publish_node_labels) {
+        // A SelfTest running only some checks is no verdict: it never sets labels.
+        for st in selected.iter().filter(|s| s.spec.decides_labels()) {
             let Some(run) = self.runs.get(&st.name_any()) else {
                 continue;
             };
@@ -279,10 +281,17 @@ impl Agent {
         let mut runtimes: BTreeMap<String, RuntimeHandlerInfo> = BTreeMap::new();
         let mut worst: BTreeMap<String, Verdict> = BTreeMap::new();
         let mut last: Option<(Timestamp, &SelfTestReport)> = None;
+        let mut problems = Vec::new();
         for st in selected {
             let Some(run) = self.runs.get(&st.name_any()) else {
                 continue;
             };
+            if let Some(message) = &run.report.problem {
+                problems.push(SelfTestProblem {
+                    self_test: st.name_any(),
+                    message: message.clone(),
+                });
+            }
             let started = run
                 .report
                 .started_at
@@ -313,10 +322,21 @@ impl Agent {
                 .collect::<Vec<_>>()
                 .join(" ")
         });
+        let cri = last.and_then(|(_, r)| r.cri.as_ref()).map(|c| CriRuntimeInfo {
+            name: if c.runtime == "cri-o" {
+                CriRuntime::Crio
+            } else {
+                CriRuntime::Containerd
+            },
+            version: c.version.clone(),
+            config_path: c.config.clone(),
+        });
         NodeReportStatus {
             node: last.map(|(_, r)| r.node.clone()),
+            cri,
             runtimes: runtimes.into_values().collect(),
             results,
+            problems,
             summary,
             last_run_time: last.map(|(t, _)| Time(t)),
             ..NodeReportStatus::default()
@@ -464,15 +484,6 @@ fn worse(a: Verdict, b: Verdict) -> Verdict {
     } else {
         a
     }
-}
-
-/// A SelfTest selects the node when every `nodeSelector` label matches.
-pub fn selects(st: &SelfTest, node: &PartialObjectMeta<Node>) -> bool {
-    let labels = node.labels();
-    st.spec
-        .node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The status without its timing fields: what decides whether a write is needed.

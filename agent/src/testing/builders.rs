@@ -161,22 +161,42 @@ impl RuntimeProfile {
     }
 }
 
+/// A ready reflector store holding `objects`.
+pub fn store<K>(objects: Vec<K>) -> reflector::Store<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut writer = reflector::store::Writer::<K>::default();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let reader = writer.as_reader();
+    // The writer must outlive the test or the store reports "writer dropped".
+    std::mem::forget(writer);
+    reader
+}
+
 impl Context {
-    /// A context whose client is the fake API server, with these NodeReports known.
+    /// A context whose client is the fake API server, with these NodeReports known and no
+    /// Node.
     pub fn test(reports: Vec<NodeReport>) -> (Arc<Self>, ApiServerVerifier) {
+        Self::test_with_nodes(reports, vec![])
+    }
+
+    /// Like [`Context::test`], with these Nodes known too.
+    pub fn test_with_nodes(
+        reports: Vec<NodeReport>,
+        nodes: Vec<PartialObjectMeta<Node>>,
+    ) -> (Arc<Self>, ApiServerVerifier) {
         let (client, server) = mock_client();
-        let mut writer = reflector::store::Writer::<NodeReport>::default();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        for r in reports {
-            writer.apply_watcher_event(&watcher::Event::InitApply(r));
-        }
-        writer.apply_watcher_event(&watcher::Event::InitDone);
         let ctx = Context {
             client,
-            reports: writer.as_reader(),
+            reports: store(reports),
+            nodes: store(nodes),
         };
-        // The writer must outlive the test or the store reports "writer dropped".
-        std::mem::forget(writer);
         (Arc::new(ctx), server)
     }
 }
@@ -363,6 +383,8 @@ pub fn sample_report() -> SelfTestReport {
             cgroup: usernsguard_runtime::facts::CgroupMode::Hybrid,
             idmap_filesystems: vec![],
         },
+        cri: None,
+        problem: None,
         handlers: vec![
             HandlerReport {
                 handler: "crun".into(),

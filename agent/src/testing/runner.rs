@@ -53,7 +53,9 @@ impl SelfTestRunner for FakeRunner {
             started_at: format!("2026-11-29T04:{:02}:00Z", n % 60),
             duration_seconds: 0.5 * n as f64,
             node: facts(),
+            cri: None,
             handlers,
+            problem: None,
         }
     }
 }

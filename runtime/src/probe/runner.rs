@@ -12,16 +12,20 @@ use std::time::Duration;
 
 use crate::discover::RuntimeKind;
 use crate::facts::CgroupMode;
+use crate::host::HostRoot;
 use crate::process::{self, Output, ProcessError};
 
 /// A runtime binary and how to drive it.
 #[derive(Debug, Clone)]
 pub struct RuntimeCommand {
+    /// The binary, as a path on the host.
     pub binary: PathBuf,
     pub kind: RuntimeKind,
     /// crun refuses cgroup v1 and hybrid layouts even with cgroup management off; on such
     /// hosts it runs in a private mount namespace with its own cgroup2 mount.
     pub cgroup: CgroupMode,
+    /// The host the runtime runs on; every path given to it is a host path.
+    pub host: HostRoot,
 }
 
 /// How long `delete --force` may take after a probe; a runtime that hangs there too is
@@ -30,7 +34,7 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RuntimeCommand {
     fn command(&self, state_root: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = self.host.command(&self.binary);
         cmd.arg("--root").arg(state_root);
         if self.kind == RuntimeKind::Crun {
             cmd.arg("--cgroup-manager=disabled");
@@ -44,7 +48,8 @@ impl RuntimeCommand {
     }
 
     /// `<runtime> run --bundle <bundle> <id>`: creates, starts, waits for and removes the
-    /// container. Returns the output whatever the exit status.
+    /// container. Returns the output whatever the exit status. `state_root` and `bundle`
+    /// are host paths.
     pub fn run(
         &self,
         state_root: &Path,
@@ -62,7 +67,7 @@ impl RuntimeCommand {
     /// Removes a container the runtime left behind (it was killed, or crashed): its processes,
     /// cgroups and state. A no-op when `run` cleaned up after itself, as it normally does.
     fn delete_if_left(&self, state_root: &Path, id: &str) {
-        if !state_root.join(id).exists() {
+        if !self.host.path(state_root.join(id)).exists() {
             return;
         }
         let cmd = self.command(state_root, &["delete", "--force", id]);
