@@ -22,6 +22,12 @@
 //! `activating`/`auto-restart` for good (it never reaches `failed` at `RestartSec=5`), so
 //! the verdict is taken from the job result, not by waiting for `failed`.
 //!
+//! Before each restart the unit's start rate limit is reset (`Unit.ResetFailed`): with
+//! systemd's default of 5 starts in 10 s, a fifth restart of containerd within 10 s of boot
+//! was refused with `start-limit-hit` (measured), after which the unit stays `failed` and is
+//! not restarted automatically. The installer restarts only when a config changed, plus at
+//! most one rollback, so this does not defeat crash-loop protection.
+//!
 //! Connections: every [`ServiceManager`] call opens its own connection and closes it, so a
 //! `daemon-reexec` (or PID 1 restarting) between calls costs nothing. A reexec during a
 //! call closes the connection: a call that was not waiting for a job fails with
@@ -76,12 +82,12 @@ pub trait ServiceManager {
     /// A consistent snapshot of `unit`'s state.
     fn unit_state(&mut self, unit: &str) -> Result<UnitState, SystemdError>;
 
-    /// Restarts `unit` (`RestartUnit` in mode `replace`, which also takes over a pending
-    /// automatic restart) and waits for the restart job to end, for at most `timeout` and
-    /// at most the unit's own stop and start timeouts plus a margin. Whether the unit came
-    /// back is [`RestartOutcome::succeeded`]. An `Err` means the outcome is unknown (read
-    /// [`ServiceManager::unit_state`] to learn more); after [`SystemdError::Timeout`] the
-    /// job may still be queued or running in systemd.
+    /// Restarts `unit` (its start rate limit reset first, then `RestartUnit` in mode
+    /// `replace`, which also takes over a pending automatic restart) and waits for the
+    /// restart job to end, for at most `timeout` and at most the unit's own stop and start
+    /// timeouts plus a margin. Whether the unit came back is [`RestartOutcome::succeeded`].
+    /// An `Err` means the outcome is unknown (read [`ServiceManager::unit_state`] to learn
+    /// more); after [`SystemdError::Timeout`] the job may still be queued or running.
     fn restart(&mut self, unit: &str, timeout: Duration) -> Result<RestartOutcome, SystemdError>;
 }
 
@@ -659,6 +665,13 @@ impl ServiceManager for SystemdBus {
         s.subscribe(deadline)?;
         let path = s.unit_path(unit, deadline)?;
         let before = s.state(unit, &path, deadline)?;
+        // Clear the unit's start rate limit (StartLimitBurst=5 starts in 10 s by default).
+        // Otherwise a rollback right after a failed restart, or an install shortly after
+        // boot, can be refused with `start-limit-hit`, which leaves the unit failed and,
+        // unlike a crash, not restarted automatically: the CRI runtime would stay down.
+        // On the unit's object (which systemd loads on access), not Manager.ResetFailedUnit,
+        // which answers NoSuchUnit for an inactive unit that is not loaded right now.
+        s.call(&path, UNIT, "ResetFailed", vec![], deadline)?;
         let reply = s
             .manager(
                 "RestartUnit",

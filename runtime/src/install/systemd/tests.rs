@@ -198,7 +198,7 @@ fn systemd(
     let _ = conn;
     let member = call.member.as_deref().unwrap_or_default();
     match member {
-        "Subscribe" | "Unsubscribe" | "Reload" => vec![Out::Reply(vec![])],
+        "Subscribe" | "Unsubscribe" | "Reload" | "ResetFailed" => vec![Out::Reply(vec![])],
         "GetUnit" => vec![Out::Reply(vec![Value::ObjectPath(UNIT_PATH.into())])],
         "GetAll" => {
             let unit = call.body[0].as_str() == Some(UNIT);
@@ -255,6 +255,7 @@ fn restart_subscribes_first_and_waits_for_its_own_job() {
                 "0#GetUnit(containerd.service)",
                 "0#GetAll(org.freedesktop.systemd1.Unit)",
                 "0#GetAll(org.freedesktop.systemd1.Service)",
+                "0#ResetFailed()",
                 "0#RestartUnit(containerd.service,replace)",
                 "0#GetAll(org.freedesktop.systemd1.Unit)",
                 "0#GetAll(org.freedesktop.systemd1.Service)",
@@ -335,7 +336,7 @@ fn after_the_peer_closes_mid_wait_the_job_is_looked_up_again() {
         .unwrap();
     let log = peer.finish();
     assert_eq!(
-        &log[4..],
+        &log[5..],
         [
             "0#RestartUnit(containerd.service,replace)",
             "1#Subscribe()",
