@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use usernsguard_runtime::bundle::{self, BundleOptions, Namespaces, Payload};
 use usernsguard_runtime::discover::{self, find_on_path, RuntimeHandler};
 use usernsguard_runtime::facts::{HostPaths, NodeFacts};
-use usernsguard_runtime::probe::runner::RuntimeCommand;
-use usernsguard_runtime::selftest::{self, SelfTestConfig};
 use usernsguard_runtime::host::HostRoot;
+use usernsguard_runtime::probe::runner::RuntimeCommand;
 use usernsguard_runtime::report::Check;
+use usernsguard_runtime::selftest::{self, SelfTestConfig};
 use usernsguard_runtime::userns::IdMapping;
 
 /// The four checks that run through the OCI runtime directly (the CRI checks have their own
