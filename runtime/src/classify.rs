@@ -56,7 +56,8 @@
 //!   mounts do not normally get EPERM. `mounting
 //!   X to rootfs ...: operation not permitted` and `setting rootfs as readonly caused
 //!   "operation not permitted"` are `other_userns` (sysfs, procfs and mqueue have their
-//!   own reasons), unless the failing step is the `mkdir` of the mountpoint.
+//!   own reasons), unless the failing step is not the mount itself (the `mkdir` of the
+//!   mountpoint, an `open` or `stat` on the way: EPERM from those is not about mounts).
 //! * **Creating a user namespace refused is `userns_unsupported`, whatever the errno.**
 //!   `Error during unshare(CLONE_NEWUSER): Operation not permitted` (seccomp, a kernel
 //!   or sysctl that forbids it) and `... Permission denied` (an SELinux or AppArmor
@@ -166,8 +167,9 @@ enum Fact {
     ProcMount,
     /// A runtime mounting into the container's rootfs (runc's `... to rootfs`).
     RootfsMount,
-    /// The failing step is creating a directory (a mountpoint), not the mount.
-    Mkdir,
+    /// The failing step of a mount request is not the mount: creating the mountpoint,
+    /// opening or stat-ing a path on the way.
+    NotTheMount,
 
     /// An idmapped mount: `MOUNT_ATTR_IDMAP`, "idmap mounts", CRI-O's "mapped mount", ...
     Idmap,
@@ -347,9 +349,13 @@ const PHRASES: &[Phrase] = &[
     p("to rootfs", RootfsMount),
     p("rootfs as readonly", RootfsMount),
     w("setuprootfs", RootfsMount),
-    w("mkdir", Mkdir),
-    w("mkdirat", Mkdir),
-    p("create mountpoint", Mkdir),
+    w("mkdir", NotTheMount),
+    w("mkdirat", NotTheMount),
+    p("create mountpoint", NotTheMount),
+    w("open", NotTheMount),
+    w("openat", NotTheMount),
+    w("stat", NotTheMount),
+    w("lstat", NotTheMount),
     // idmapped mounts
     f("mount_attr_idmap", Idmap),
     p("create mapped mount", Idmap),
@@ -695,7 +701,7 @@ fn decide(set: u64) -> Reason {
     // user namespace (EPERM) or on kernels with the xenial mqueue bug (EBUSY); any
     // mount into the rootfs refused with EPERM is the mount's user namespace at work.
     let mount_refused =
-        (has(MountMqueue) && (eperm || has(Ebusy))) || (has(RootfsMount) && eperm && !has(Mkdir));
+        (has(MountMqueue) && (eperm || has(Ebusy))) || (has(RootfsMount) && eperm && !has(NotTheMount));
     let unmapped_id = has(ChownOp) && has(Einval);
     if mount_refused
         || unmapped_id
@@ -829,6 +835,18 @@ mod tests {
         let eacces =
             r#"mounting "devpts" to rootfs at "/dev/pts" caused: mount through procfs: permission denied"#;
         assert_eq!(classify(eacces), Reason::Unrelated);
+    }
+
+    /// EPERM from the `open` or `mkdir` on the way to a mount is not the mount refused.
+    #[test]
+    fn a_mount_request_that_fails_before_the_mount_is_not_counted() {
+        let open = r#"error mounting "/x/resolv.conf" to rootfs at "/etc/resolv.conf": open /run/x/rootfs/etc/resolv.conf: operation not permitted"#;
+        assert_eq!(classify(open), Reason::Unrelated);
+        let mkdir = r#"error mounting "tmpfs" to rootfs at "/sys/fs/selinux": create mountpoint for /sys/fs/selinux mount: mkdirat /x/merged/sys/fs/selinux: operation not permitted"#;
+        assert_eq!(classify(mkdir), Reason::Unrelated);
+        let mount =
+            r#"error mounting "/tmp/foo" to rootfs at "/x/merged/mnt" caused: operation not permitted"#;
+        assert_eq!(classify(mount), Reason::OtherUserns);
     }
 
     #[test]

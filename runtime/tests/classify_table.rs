@@ -196,8 +196,10 @@ fn the_table_has_enough_unrelated_rows_that_look_related() {
     );
 }
 
-/// The held-out quarter, never tuned against. The floors are what the classifier reached
-/// when it was first run against this file; the hard requirements are exact.
+/// The held-out rows, never tuned against: a random quarter of the candidate messages set
+/// aside before the rules were written, and messages collected after they were frozen.
+/// The floor is what the classifier reached when it was first run against them (rounded
+/// down); the hard requirements are exact.
 #[test]
 fn held_out_rows_meet_the_accuracy_floor() {
     let rows = rows("classify_heldout.tsv");
@@ -207,6 +209,13 @@ fn held_out_rows_meet_the_accuracy_floor() {
         &s,
         rows.iter().filter(|r| r.cause.is_some()).count(),
     );
+    // Misses are listed, not tuned against: a wording worth teaching goes into classify.tsv.
+    let mut out = String::new();
+    for miss in &s.misses {
+        out += &format!("  held-out miss: {miss}\n");
+    }
+    let _ = std::io::stderr().lock().write_all(out.as_bytes());
+
     assert!(
         s.false_positives.is_empty(),
         "unrelated messages counted as user-namespace failures: {:?}",
@@ -218,7 +227,16 @@ fn held_out_rows_meet_the_accuracy_floor() {
             assert_eq!(classify(&row.message), row.expected, "line {}", row.line);
         }
     }
-    let _ = s.misses.len();
+    assert!(
+        rows.len() >= 90,
+        "the held-out table shrank to {} rows",
+        rows.len()
+    );
+    let accuracy = pct(s.right, s.total);
+    assert!(
+        accuracy >= 97.0,
+        "held-out accuracy {accuracy:.1}% fell below the 97% floor"
+    );
 }
 
 #[test]
