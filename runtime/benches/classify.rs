@@ -1,7 +1,7 @@
 //! Classifier throughput on one core.
 //!
 //! `typical_mix` classifies every message of the table in `tests/fixtures/classify.tsv`
-//! (real kubelet/CRI/OCI failure messages, a third of them unrelated, 20 to 700 bytes) and
+//! (real kubelet/CRI/OCI failure messages, half of them unrelated, 10 to 700 bytes) and
 //! reports messages per second; the target is at least 500,000/s. `huge_line_4MiB` shows
 //! the cost stays linear on a multi-megabyte line.
 //!
