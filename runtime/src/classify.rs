@@ -200,6 +200,12 @@ enum Fact {
 
     /// An AVC on a user-namespace class, or setroubleshoot naming one.
     SelinuxUserns,
+    /// A process's SELinux label file (`/proc/<pid>/attr/exec`, `keycreate`, ...): writing
+    /// it is how a runtime sets the container's process and key labels, and the policy
+    /// refusing that write is an SELinux denial.
+    SelinuxAttr,
+    /// AppArmor, which writes the same `/proc/<pid>/attr/exec` file.
+    Apparmor,
 }
 
 impl Fact {
@@ -417,6 +423,12 @@ const PHRASES: &[Phrase] = &[
     f("setresuid", ChownOp),
     f("setresgid", ChownOp),
     f("setgroups", ChownOp),
+    ph("/attr/exec", SelinuxAttr, Procfs, PathEnd),
+    ph("/attr/keycreate", SelinuxAttr, Procfs, PathEnd),
+    ph("/attr/fscreate", SelinuxAttr, Procfs, PathEnd),
+    ph("/attr/sockcreate", SelinuxAttr, Procfs, PathEnd),
+    ph("/attr/current", SelinuxAttr, Procfs, PathEnd),
+    w("apparmor", Apparmor),
     ph("/uid_map", IdMapFile, Procfs, PathEnd),
     ph("/gid_map", IdMapFile, Procfs, PathEnd),
     ph("/setgroups", IdMapFile, Procfs, PathEnd),
@@ -694,7 +706,10 @@ fn decide(set: u64) -> Reason {
     if has(ProcMount) && eperm {
         return Reason::ProcMountEperm;
     }
-    if has(SelinuxUserns) || (has(Relabel) && eperm) {
+    // The policy refusing a label the runtime sets (the process's exec or key label, a
+    // relabel of the rootfs or a volume) fails the pod before it starts; EPERM on a relabel
+    // is the kernel's owner check on an unmapped owner, EACCES the policy itself.
+    if has(SelinuxUserns) || (has(Relabel) && refused) || (has(SelinuxAttr) && refused && !has(Apparmor)) {
         return Reason::SelinuxDenied;
     }
     // A fresh mqueue mount fails when the IPC namespace is not owned by the container's
@@ -940,6 +955,27 @@ mod tests {
         assert_eq!(
             classify("Error: invalid value for --userns-remap=default: not found"),
             Reason::Unrelated
+        );
+    }
+
+    /// Issue 9: the policy refusing a label the runtime sets is an SELinux denial;
+    /// AppArmor writing the same procfs file is not, nor is a look-alike path elsewhere.
+    #[test]
+    fn selinux_label_refusals_count_and_apparmor_does_not() {
+        let keycreate = r#"container init caused \"write /proc/self/attr/keycreate: permission denied\""#;
+        assert_eq!(classify(keycreate), Reason::SelinuxDenied);
+        let exec = "write /proc/thread-self/attr/exec: operation not permitted";
+        assert_eq!(classify(exec), Reason::SelinuxDenied);
+        let apparmor = "apply apparmor profile: apparmor failed to apply profile: write /proc/self/attr/exec: permission denied";
+        assert_eq!(classify(apparmor), Reason::Unrelated);
+        assert_eq!(
+            classify("open /srv/attr/keycreate: permission denied"),
+            Reason::Unrelated
+        );
+        assert_eq!(
+            classify("write /proc/self/attr/keycreate: no such file or directory"),
+            Reason::Unrelated,
+            "a kernel without SELinux refuses nothing"
         );
     }
 }

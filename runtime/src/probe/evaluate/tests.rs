@@ -83,6 +83,14 @@ fn runtime_failure_unrelated_to_user_namespaces_is_an_error_not_a_verdict() {
     };
     let r = evaluate(Check::UsernsCreated, &out, &judge(false));
     assert_result(&r, CheckOutcome::Error, None, "unrelated to user namespaces");
+    // Our own names in the runtime's text (the payload path, a container id, the work dir)
+    // are objects, not statements: still no user-namespace verdict.
+    let echoed = Outcome::RuntimeFailed {
+        status: "exit status: 1".into(),
+        text: "container ug-4242-7-0-1: exec: \"/.usernsguard/probe\": exec format error (bundle /run/usernsguard/run-Ab12/h0/c1/bundle)".into(),
+    };
+    let r = evaluate(Check::UsernsJoined, &echoed, &judge(false));
+    assert_result(&r, CheckOutcome::Error, None, "unrelated to user namespaces");
 }
 
 #[test]
