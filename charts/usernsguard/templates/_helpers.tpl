@@ -50,10 +50,10 @@ files/alerts.yaml is a plain rule file that names the job: usernsguard-agent.
 */}}
 {{- define "usernsguard.jobLabelKey" -}}usernsguard.io/job{{- end }}
 
-{{/* Labels of a component's objects: common + selector + job. */}}
+{{/* Labels of a component's objects: common (name, instance, ...) + component + job. */}}
 {{- define "usernsguard.componentLabels" -}}
 {{ include "usernsguard.labels" .ctx }}
-{{ include "usernsguard.selectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
 {{ include "usernsguard.jobLabelKey" . }}: usernsguard-{{ .component }}
 {{- end }}
 
