@@ -52,17 +52,20 @@ values_args() { [[ "$1" == default ]] || echo "-f $chart/$1"; }
 slug() { [[ "$1" == default ]] && echo default || basename "$1" .yaml; }
 
 lint_all() {
-  local h v
+  local h v k
   for h in "$HELM3" "$HELM4"; do
     for v in "${value_sets[@]}"; do
-      # shellcheck disable=SC2046
-      "$h" lint --strict --quiet "$chart" $(values_args "$v") >"$out/lint.log" 2>&1 ||
-        { cat "$out/lint.log"; echo "helm $("$h" version --short) lint --strict failed for $v" >&2; return 1; }
-      echo "ok   $("$h" version --template '{{.Version}}') lint --strict ($v)"
+      for k in 1.30.0 1.35.0; do
+        # shellcheck disable=SC2046
+        "$h" lint --strict --quiet --kube-version "$k" "$chart" $(values_args "$v") \
+          >"$out/lint.log" 2>&1 ||
+          { cat "$out/lint.log"; echo "helm $("$h" version --short) lint --strict failed for $v, $k" >&2; return 1; }
+        echo "ok   $("$h" version --template '{{.Version}}') lint --strict --kube-version $k ($v)"
+      done
     done
   done
 }
-step "helm lint --strict (helm 3 and 4; default, all-values, podmonitor-values)" lint_all
+step "helm lint --strict (helm 3 and 4; default, all-values, podmonitor-values; 1.30, 1.35)" lint_all
 
 template_all() {
   local v k s
