@@ -104,7 +104,7 @@ impl Reason {
                 "upgrade runc to 1.2.1 or later, or select crun 1.9 or later through a RuntimeClass (older crun has no `features`, so containerd 2.x does not advertise user namespaces for it)"
             }
             Reason::IdmapUnsupported => {
-                "use kernel 6.3+ for tmpfs and a filesystem with idmapped-mount support under the kubelet and containerd directories"
+                "use kernel 6.3+ for tmpfs, a filesystem with idmapped-mount support under the kubelet and containerd directories, and a runtime whose `features` reports idmapped mounts (runc 1.2+, crun 1.9+)"
             }
             Reason::IdmapIgnored => {
                 "use a runtime that implements idmapped mounts (runc 1.2+, crun 1.9+)"

@@ -151,11 +151,22 @@ pub fn evaluate_observation(
 ) -> CheckResult {
     let uid = judge.uid;
     if !uid.matches_proc_map(&obs.uid_map) {
+        let host_identity = IdMapping {
+            container_id: 0,
+            host_id: 0,
+            size: u32::MAX,
+        };
+        let why = if host_identity.matches_proc_map(&obs.uid_map) {
+            // containerd before 2.0 accepts a pod's userns_options and ignores them.
+            "; it ran in the host's user namespace: the runtime ignored the request"
+        } else {
+            ""
+        };
         return CheckResult::fail(
             check,
             Reason::UsernsUnsupported,
             format!(
-                "the container did not run in the requested user namespace: uid_map is {:?}, expected \"{uid}\"",
+                "the container did not run in the requested user namespace: uid_map is {:?}, expected \"{uid}\"{why}",
                 obs.uid_map.trim()
             ),
         );

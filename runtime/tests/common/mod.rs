@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -98,7 +100,7 @@ pub fn leftovers(work_dir: &std::path::Path, markers: &[&str]) -> Vec<String> {
     }
     for state in ["/run/runc", "/run/crun"] {
         for e in std::fs::read_dir(state).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("usernsguard-") {
+            if is_probe_id(&e.file_name().to_string_lossy()) {
                 found.push(format!("runtime state: {}", e.path().display()));
             }
         }
@@ -113,12 +115,17 @@ pub fn leftovers(work_dir: &std::path::Path, markers: &[&str]) -> Vec<String> {
             .flatten()
             .flatten()
         {
-            if e.file_name().to_string_lossy().starts_with("usernsguard-") {
+            if is_probe_id(&e.file_name().to_string_lossy()) {
                 found.push(format!("cgroup: {}", e.path().display()));
             }
         }
     }
     found
+}
+
+/// A probe container id of this process (`ug-<pid>-...`), or one of an older naming.
+fn is_probe_id(name: &str) -> bool {
+    name.starts_with(&format!("ug-{}-", std::process::id())) || name.starts_with("usernsguard-")
 }
 
 /// Serialises the tests of one binary: leftover checks look at every child process and
