@@ -11,6 +11,7 @@ test_pkgs=(
   containerd containernetworking-plugins busybox-static iproute2 jq
   prometheus            # promtool and a real server for the scrape test
   python3-venv          # offline CRD/example validation
+  buildah libc6-dev     # test images (tests/containerd: a static pause), the container image
   debootstrap systemd-container   # tests/nspawn: a real systemd for the restart tests
   qemu-system-x86 policycoreutils secilc cpio e2fsprogs kmod bzip2 binutils   # SELinux qemu lane
 )
