@@ -41,6 +41,9 @@ USERNSGUARD_SELINUX_LANE_JSON=target/selinux-lane/guest.json cargo test -p usern
 # The lane must fail loudly, never pass vacuously: not enforcing, no SELinux, no init.
 bash tests/selinux-lane/check-guards.sh
 
+step "container image (scripts/image.sh: buildah, static musl usernsguard + pinned bundled runc)"
+scripts/image.sh
+
 step "Helm chart: lint, render, validate, schema, admission policy, alerts, dashboard (tests/chart/run.sh)"
 tests/chart/run.sh target/release/usernsguard
 

@@ -14,8 +14,8 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
-    ImageStatusRequest, ListPodSandboxRequest, PodSandbox, PodSandboxConfig, PodSandboxFilter,
+    ContainerConfig, ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
+    ImageSpec, ImageStatusRequest, ListPodSandboxRequest, PodSandbox, PodSandboxConfig, PodSandboxFilter,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
     StopPodSandboxRequest, VersionRequest,
 };
@@ -227,6 +227,30 @@ impl CriClient {
             }),
         )?;
         Ok(r.status.unwrap_or_default())
+    }
+
+    /// Runs `cmd` in a running container and returns its exit code, stdout and stderr.
+    pub fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout: Duration,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), CriError> {
+        let mut svc = self.runtime.clone();
+        let saved = self.timeout;
+        // The command's own deadline, plus the call's.
+        self.timeout = timeout + saved;
+        let r = self.call(
+            "ExecSync",
+            svc.exec_sync(ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: timeout.as_secs() as i64,
+            }),
+        );
+        self.timeout = saved;
+        let r = r?;
+        Ok((r.exit_code, r.stdout, r.stderr))
     }
 
     /// Stops and removes a pod sandbox and its containers.
