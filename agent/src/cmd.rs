@@ -5,4 +5,5 @@ pub mod agent;
 pub mod classify;
 pub mod controller;
 pub mod crds;
+pub mod install;
 pub mod selftest;

@@ -32,6 +32,10 @@ enum Command {
     Selftest(cmd::selftest::SelftestArgs),
     /// Print the CustomResourceDefinitions as YAML (or write one file per kind).
     Crds(cmd::crds::CrdsArgs),
+    /// Install an OCI runtime and register it as a handler with containerd or CRI-O.
+    Install(cmd::install::InstallArgs),
+    /// Take a handler `install` registered back out, restoring the host's files exactly.
+    Uninstall(cmd::install::UninstallArgs),
     /// Read pod failure messages from stdin, one per line, and print one reason code per line.
     Classify(cmd::classify::ClassifyArgs),
     /// Runs inside a probe container and reports what it sees (internal).
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
         Command::Controller(args) => report(tokio_main(cmd::controller::main(args))),
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Classify(args) => report(cmd::classify::run(&args)),
+        Command::Install(args) => cmd::install::install(args),
+        Command::Uninstall(args) => cmd::install::uninstall(args),
         Command::Crds(args) => report(cmd::crds::run(&args, &mut std::io::stdout().lock())),
     }
 }

@@ -160,6 +160,24 @@ impl CriClient {
             .collect())
     }
 
+    /// `Status` with `verbose`: the handlers with their user-namespace feature, and the
+    /// effective CRI config the runtime reports in `info["config"]` (containerd 1.6 and
+    /// 2.x; it lists `containerd.runtimes` even where `runtime_handlers` is empty).
+    pub fn status_verbose(&mut self) -> Result<(Vec<HandlerFeatures>, Option<serde_json::Value>), CriError> {
+        let mut svc = self.runtime.clone();
+        let s = self.call("Status", svc.status(StatusRequest { verbose: true }))?;
+        let config = s.info.get("config").and_then(|c| serde_json::from_str(c).ok());
+        let handlers = s
+            .runtime_handlers
+            .into_iter()
+            .map(|h| HandlerFeatures {
+                name: h.name,
+                user_namespaces: h.features.map(|f| f.user_namespaces),
+            })
+            .collect();
+        Ok((handlers, config))
+    }
+
     /// Whether `image` is present on the node (the checks never pull).
     pub fn image_present(&mut self, image: &str) -> Result<bool, CriError> {
         let mut svc = self.images.clone();

@@ -1,0 +1,194 @@
+//! The installer's config edits over realistic files, one fixture per setup
+//! (`tests/fixtures/install/<case>/`: `case.toml`, the host tree in `input/`, and in
+//! `expected/` every host file an install creates or changes, byte for byte).
+//!
+//! For each case: the plan's files equal the golden ones and no other file changes; the
+//! install (restart mode none) leaves exactly that tree plus the binary; a second install
+//! plans nothing, changes no file (not even its times) and would restart nothing; the
+//! uninstall leaves the tree byte-identical to the input, directories included.
+//! Error cases name their file, change nothing, and fail the same way on install.
+//!
+//! `UPDATE_GOLDEN=1 cargo test --test install_golden` rewrites `expected/`; review the diff.
+
+mod install_support;
+
+use std::path::{Path, PathBuf};
+
+use install_support::*;
+use usernsguard_runtime::host::HostRoot;
+use usernsguard_runtime::install::{
+    BinarySource, ErrorClass, InstallRequest, Installer, RestartMode, RestartReport, UninstallRequest,
+};
+
+fn request(case: &Case, binary: &Path) -> InstallRequest {
+    InstallRequest {
+        handler: case.handler.clone(),
+        binary: BinarySource::Local(binary.to_owned()),
+        install_path: case.install_path.clone(),
+        sha256: None,
+        cri_config: case.cri_config.clone(),
+        restart: RestartMode::None,
+        cri_socket: None,
+    }
+}
+
+fn rel(p: &Path) -> PathBuf {
+    p.strip_prefix("/").unwrap().to_path_buf()
+}
+
+#[test]
+fn golden_configs_install_reinstall_uninstall() {
+    require_root();
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let src_dir = tempfile::tempdir().unwrap();
+    let binary = src_dir.path().join("runc");
+    write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
+    let mut ran = 0;
+    for case in cases() {
+        let host_dir = host_from(&case.dir);
+        let host = HostRoot::at(host_dir.path()).unwrap();
+        let before = snapshot(host_dir.path());
+        let req = request(&case, &binary);
+
+        if let Some(label) = &case.error {
+            let installer = Installer::new(host.clone());
+            let err = installer.plan_install(&req).expect_err(&case.name);
+            assert_eq!(err.label(), label, "{}: {err}", case.name);
+            let msg = err.to_string();
+            let want = case.message.as_deref().unwrap_or_default();
+            assert!(msg.contains(want), "{}: {msg:?} lacks {want:?}", case.name);
+            let err = Installer::new(host.clone()).install(&req).expect_err(&case.name);
+            assert_eq!(err.class(), ErrorClass::BadInput, "{}", case.name);
+            assert_eq!(
+                differences(&before, &snapshot(host_dir.path())),
+                Vec::<String>::new(),
+                "{}",
+                case.name
+            );
+            eprintln!("{}: refused: {msg}", case.name);
+            ran += 1;
+            continue;
+        }
+
+        // The plan against the golden files.
+        let mut installer = Installer::new(host.clone());
+        let plan = installer
+            .plan_install(&req)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let expected_dir = case.dir.join("expected");
+        if update {
+            let _ = std::fs::remove_dir_all(&expected_dir);
+            for f in plan.changed_files() {
+                let p = expected_dir.join(rel(&f.path));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, f.after.as_deref().expect("install writes")).unwrap();
+            }
+        }
+        let golden = snapshot(&expected_dir);
+        let mut planned: Vec<String> = Vec::new();
+        for f in plan.changed_files() {
+            let key = rel(&f.path).display().to_string();
+            let want = golden
+                .get(&key)
+                .unwrap_or_else(|| panic!("{}: plan changes {key}, which has no golden file", case.name));
+            assert_eq!(
+                String::from_utf8_lossy(f.after.as_deref().unwrap()),
+                String::from_utf8_lossy(&want.0),
+                "{}: {key} differs from its golden file",
+                case.name
+            );
+            planned.push(key);
+        }
+        for key in golden.keys().filter(|k| !k.ends_with('/')) {
+            assert!(
+                planned.contains(key),
+                "{}: golden {key} is not planned",
+                case.name
+            );
+        }
+        assert!(plan.restart_needed, "{}", case.name);
+        let diff = plan.diff();
+        assert!(diff.contains("+++ b/"), "{}: {diff}", case.name);
+
+        // The install leaves exactly the golden tree plus the binary and the records.
+        let out = installer
+            .install(&req)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(
+            out.restart,
+            RestartReport::Operator {
+                units: plan.target.flavor.units().iter().map(|s| s.to_string()).collect()
+            }
+        );
+        assert_eq!(out.binary_version.as_deref(), Some("runc version 1.4.3 (tiny)"));
+        let after = snapshot(host_dir.path());
+        for (key, (bytes, _)) in golden.iter().filter(|(k, _)| !k.ends_with('/')) {
+            assert_eq!(after.get(key).map(|v| &v.0), Some(bytes), "{}: {key}", case.name);
+        }
+        for (key, v) in &before {
+            if !golden.contains_key(key) {
+                assert_eq!(after.get(key), Some(v), "{}: {key} changed", case.name);
+            }
+        }
+        let target = plan.binary.as_ref().unwrap().target.clone();
+        let placed = after
+            .get(&rel(&target).display().to_string())
+            .expect("binary placed");
+        assert_eq!(placed.0, std::fs::read(&binary).unwrap());
+        assert_eq!(placed.1, 0o755);
+        let unexpected: Vec<&String> = after
+            .keys()
+            .filter(|k| !before.contains_key(*k) && !golden.contains_key(*k))
+            // The records, the binary and their parent directories.
+            .filter(|k| !k.starts_with("var/") && !k.starts_with("usr/"))
+            .filter(|k| !golden.keys().any(|g| g.starts_with(k.as_str())))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "{}: unexpected new entries {unexpected:?}",
+            case.name
+        );
+
+        // Again: nothing to do, nothing touched, no restart.
+        let stats = stat_snapshot(host_dir.path());
+        let again = installer.plan_install(&req).unwrap();
+        assert!(
+            again.is_noop(),
+            "{}: second plan changes {:?}",
+            case.name,
+            again.diff()
+        );
+        assert!(!again.restart_needed);
+        let out = installer.install(&req).unwrap();
+        assert!(out.unchanged(), "{}: {out:?}", case.name);
+        assert_eq!(
+            stats,
+            stat_snapshot(host_dir.path()),
+            "{}: a file was touched",
+            case.name
+        );
+
+        // Uninstall: byte-identical to the input, directories included.
+        let un = UninstallRequest {
+            handler: case.handler.clone(),
+            cri_config: case.cri_config.clone(),
+            restart: RestartMode::None,
+            cri_socket: None,
+        };
+        let out = installer
+            .uninstall(&un)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert!(!out.changed.is_empty());
+        assert_eq!(
+            differences(&before, &snapshot(host_dir.path())),
+            Vec::<String>::new(),
+            "{}: uninstall did not restore the tree",
+            case.name
+        );
+        // And once more: nothing to do.
+        assert!(installer.plan_uninstall(&un).unwrap().is_noop());
+        eprintln!("{}: ok ({} file(s) changed)", case.name, planned.len());
+        ran += 1;
+    }
+    assert!(ran >= 15, "only {ran} cases");
+}
