@@ -90,13 +90,27 @@ fn containerd_2_1_verdicts_per_handler() {
     assert_eq!(cri.runtime, "containerd");
     assert!(cri.version.starts_with("2.1"), "{cri:?}");
     assert!(!cri.selinux_labels);
-    let h = |name: &str| report.handler(name).unwrap_or_else(|| panic!("no {name}: {report:#?}"));
+    let h = |name: &str| {
+        report
+            .handler(name)
+            .unwrap_or_else(|| panic!("no {name}: {report:#?}"))
+    };
 
     // The release of runc issue 4466: pods start here (no SELinux labels), with a warning.
     let r120 = h("runc-1-2-0");
-    expect(r120, Check::UsernsJoined, CheckOutcome::Warn, Some(Reason::MqueueOwnerUnmapped));
+    expect(
+        r120,
+        Check::UsernsJoined,
+        CheckOutcome::Warn,
+        Some(Reason::MqueueOwnerUnmapped),
+    );
     expect(r120, Check::CriAdvertised, CheckOutcome::Pass, None);
-    expect(r120, Check::CriPod, CheckOutcome::Warn, Some(Reason::MqueueOwnerUnmapped));
+    expect(
+        r120,
+        Check::CriPod,
+        CheckOutcome::Warn,
+        Some(Reason::MqueueOwnerUnmapped),
+    );
     assert!(check(r120, Check::CriPod).message.contains("owned by 65534"));
     assert_eq!(r120.verdict, Verdict::Pass, "a warning still passes");
 
@@ -106,17 +120,31 @@ fn containerd_2_1_verdicts_per_handler() {
             assert_eq!(c.result, CheckOutcome::Pass, "{name} {}: {}", c.check, c.message);
         }
         assert_eq!(r.checks.len(), Check::ALL.len());
-        assert!(check(r, Check::CriPod).message.contains("/dev/mqueue owned by 0:"));
+        assert!(check(r, Check::CriPod)
+            .message
+            .contains("/dev/mqueue owned by 0:"));
         assert_eq!(r.verdict, Verdict::Pass);
     }
 
     // crun 1.8.1 has no `features`: not advertised, and containerd 2.1's spec version is
     // too new for it, so no pod starts.
     let crun = h("crun");
-    expect(crun, Check::CriAdvertised, CheckOutcome::Fail, Some(Reason::UsernsNotAdvertised));
-    expect(crun, Check::CriPod, CheckOutcome::Fail, Some(Reason::PodStartFailed));
+    expect(
+        crun,
+        Check::CriAdvertised,
+        CheckOutcome::Fail,
+        Some(Reason::UsernsNotAdvertised),
+    );
+    expect(
+        crun,
+        Check::CriPod,
+        CheckOutcome::Fail,
+        Some(Reason::PodStartFailed),
+    );
     assert!(
-        check(crun, Check::CriPod).message.contains("unknown version specified"),
+        check(crun, Check::CriPod)
+            .message
+            .contains("unknown version specified"),
         "{}",
         check(crun, Check::CriPod).message
     );
@@ -125,9 +153,24 @@ fn containerd_2_1_verdicts_per_handler() {
 
     // Debian's runc 1.1.5: features without idmap, and idmap mounts ignored.
     let runc = h("runc");
-    expect(runc, Check::CriAdvertised, CheckOutcome::Fail, Some(Reason::UsernsNotAdvertised));
-    expect(runc, Check::IdmapMount, CheckOutcome::Fail, Some(Reason::IdmapIgnored));
-    expect(runc, Check::CriPod, CheckOutcome::Fail, Some(Reason::IdmapUnsupported));
+    expect(
+        runc,
+        Check::CriAdvertised,
+        CheckOutcome::Fail,
+        Some(Reason::UsernsNotAdvertised),
+    );
+    expect(
+        runc,
+        Check::IdmapMount,
+        CheckOutcome::Fail,
+        Some(Reason::IdmapIgnored),
+    );
+    expect(
+        runc,
+        Check::CriPod,
+        CheckOutcome::Fail,
+        Some(Reason::IdmapUnsupported),
+    );
     assert_eq!(runc.verdict, Verdict::Fail);
 
     assert_eq!(probe_pods(&cd), 0, "every probe pod was removed");
@@ -152,7 +195,12 @@ fn containerd_1_6_advertises_no_handler_and_every_verdict_says_why() {
     assert!(report.cri.as_ref().unwrap().version.starts_with("1.6"));
     assert_eq!(report.handlers.len(), 2);
     for h in &report.handlers {
-        expect(h, Check::CriAdvertised, CheckOutcome::Fail, Some(Reason::UsernsNotAdvertised));
+        expect(
+            h,
+            Check::CriAdvertised,
+            CheckOutcome::Fail,
+            Some(Reason::UsernsNotAdvertised),
+        );
         assert!(
             check(h, Check::CriAdvertised)
                 .message
@@ -161,7 +209,12 @@ fn containerd_1_6_advertises_no_handler_and_every_verdict_says_why() {
             check(h, Check::CriAdvertised).message
         );
         // containerd 1.6 ignores the pod's user namespace request and runs it as the host.
-        expect(h, Check::CriPod, CheckOutcome::Fail, Some(Reason::UsernsUnsupported));
+        expect(
+            h,
+            Check::CriPod,
+            CheckOutcome::Fail,
+            Some(Reason::UsernsUnsupported),
+        );
         assert!(
             check(h, Check::CriPod).message.contains("4294967295"),
             "{}",
@@ -210,6 +263,9 @@ fn leftover_probe_pods_are_removed_by_label() {
         "a young pod may be a run in progress"
     );
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(cri_checks::remove_leftovers(&mut client, Duration::from_secs(1)).unwrap(), 1);
+    assert_eq!(
+        cri_checks::remove_leftovers(&mut client, Duration::from_secs(1)).unwrap(),
+        1
+    );
     assert_eq!(probe_pods(&cd), 0);
 }

@@ -34,7 +34,11 @@ pub fn shared_runtime(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/runtimes")
         .join(name);
-    assert!(p.exists(), "{} is missing: the real runc releases live in ../shared/runtimes", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: the real runc releases live in ../shared/runtimes",
+        p.display()
+    );
     p.canonicalize().unwrap()
 }
 
@@ -46,7 +50,10 @@ pub fn all_handlers() -> Vec<(String, PathBuf)> {
         ("crun".to_owned(), PathBuf::from("/usr/bin/crun")),
     ];
     for v in ["1.2.0", "1.2.1", "1.3.6", "1.4.3"] {
-        h.push((format!("runc-{}", v.replace('.', "-")), shared_runtime(&format!("runc-{v}"))));
+        h.push((
+            format!("runc-{}", v.replace('.', "-")),
+            shared_runtime(&format!("runc-{v}")),
+        ));
     }
     h
 }
@@ -126,7 +133,8 @@ impl Containerd {
 
     /// containerd's own log, for assertion messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(format!("/run/usernsguard-test/{}/containerd.log", self.name)).unwrap_or_default()
+        std::fs::read_to_string(format!("/run/usernsguard-test/{}/containerd.log", self.name))
+            .unwrap_or_default()
     }
 }
 
@@ -137,7 +145,11 @@ impl Drop for Containerd {
             .output();
         match out {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("stopping containerd {}: {}", self.name, String::from_utf8_lossy(&o.stderr)),
+            Ok(o) => eprintln!(
+                "stopping containerd {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            ),
             Err(e) => eprintln!("stopping containerd {}: {e}", self.name),
         }
     }
