@@ -49,7 +49,7 @@ fn selftest_against(cd: &Containerd, work: &str) -> SelfTestReport {
     selftest::run(&st).expect("self-test runs")
 }
 
-fn check<'a>(h: &'a HandlerReport, check: Check) -> &'a usernsguard_runtime::CheckResult {
+fn check(h: &HandlerReport, check: Check) -> &usernsguard_runtime::CheckResult {
     h.check(check)
         .unwrap_or_else(|| panic!("{} has no {check}: {h:#?}", h.handler))
 }
