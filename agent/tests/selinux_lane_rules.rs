@@ -50,11 +50,12 @@ fn good_guest() -> Value {
 }
 
 fn good_host() -> Value {
+    // Without SELinux labels the unmapped owner is latent: Warn (DESIGN.md).
     report(
         json!({"mode": "disabled"}),
         check(
             "userns-joined",
-            "Fail",
+            "Warn",
             Some("mqueue_owner_unmapped"),
             "/dev/mqueue owned by 65534",
         ),
@@ -78,6 +79,14 @@ fn rejects(guest: Value, host: Value, needle: &str) {
 #[test]
 fn accepts_the_expected_guest_and_host_pair() {
     assert_eq!(violations(good_guest(), good_host()), Vec::<String>::new());
+}
+
+#[test]
+fn accepts_the_hosts_precondition_as_warn_or_as_fail() {
+    // Warn where the host sets no SELinux labels; Fail on a host whose CRI runtime would.
+    let mut h = good_host();
+    h["handlers"][0]["checks"][1]["result"] = json!("Fail");
+    assert_eq!(violations(good_guest(), h), Vec::<String>::new());
 }
 
 #[test]
@@ -185,6 +194,38 @@ fn rejects_any_other_check_that_differs_from_the_host() {
     let mut h = good_host();
     h["handlers"][0]["checks"][1] = check("userns-joined", "Pass", None, "owner 0");
     rejects(good_guest(), h, "runc userns-joined: guest Fail");
+}
+
+#[test]
+fn accepts_idmap_mount_failing_on_tmpfs_only_where_the_guest_kernel_lacks_idmapped_tmpfs() {
+    let tmpfs_fail = check(
+        "idmap-mount",
+        "Fail",
+        Some("idmap_unsupported"),
+        "/run/usernsguard/x (ext4): mapped; tmpfs: crun 1.8.1 failed: mount_setattr: Invalid argument",
+    );
+    // Guest on 6.1, host on 6.18 (tmpfs idmaps since 6.3): the one accepted difference.
+    let mut g = good_guest();
+    g["handlers"][1]["checks"][2] = tmpfs_fail.clone();
+    let mut h = good_host();
+    h["node"]["kernel"] = json!("6.18.44");
+    assert_eq!(violations(g.clone(), h.clone()), Vec::<String>::new());
+
+    // Both on 6.1: nothing explains the difference.
+    rejects(g.clone(), good_host(), "crun idmap-mount: guest Fail");
+
+    // Another reason, or a failure that is not about tmpfs, is not explained either.
+    let mut g2 = g.clone();
+    g2["handlers"][1]["checks"][2] = check(
+        "idmap-mount",
+        "Fail",
+        Some("idmap_ignored"),
+        "tmpfs: not idmapped",
+    );
+    rejects(g2, h.clone(), "crun idmap-mount: guest Fail");
+    let mut g3 = g;
+    g3["handlers"][1]["checks"][2] = check("idmap-mount", "Fail", Some("idmap_unsupported"), "ext4: EINVAL");
+    rejects(g3, h, "crun idmap-mount: guest Fail");
 }
 
 #[test]
