@@ -1,6 +1,8 @@
 //! Checks the output of the SELinux lane (`tests/selinux-lane/run.sh`): a real
 //! SELinux-enforcing Debian guest under qemu ran `usernsguard selftest --output json`
-//! against real runc and crun, and the host ran the same binary beside it.
+//! against real runc and crun, and the host ran the same binary beside it; then the guest
+//! ran `usernsguard selftest --cri-config` against containerd 2.1 with
+//! `enable_selinux = true` and the runc 1.2.0 and 1.2.1 releases (guest-cri.json).
 //!
 //! Not part of plain `cargo test` (`test = false` in Cargo.toml): it needs the lane's
 //! output, and without it it fails rather than passing vacuously. Run it with
@@ -54,6 +56,27 @@ fn selinux_guest_detects_the_mqueue_setxattr_failure_and_agrees_with_the_host() 
         "the SELinux lane's reports ({} vs {}) break {} claim(s):\n  - {}",
         guest_path.display(),
         host_path.display(),
+        violations.len(),
+        violations.join("\n  - ")
+    );
+}
+
+#[test]
+fn selinux_guest_containerd_pod_fails_with_runc_1_2_0_and_starts_with_runc_1_2_1() {
+    let guest_path = std::env::var_os("USERNSGUARD_SELINUX_LANE_JSON")
+        .map(from_workspace)
+        .unwrap_or_else(|| panic!("USERNSGUARD_SELINUX_LANE_JSON is not set; {HOW}"));
+    // run.sh writes the CRI run's report beside the guest's.
+    let cri_path = std::env::var_os("USERNSGUARD_SELINUX_LANE_CRI_JSON")
+        .map(from_workspace)
+        .unwrap_or_else(|| guest_path.with_file_name("guest-cri.json"));
+    let cri = load(&cri_path, "guest CRI");
+
+    let violations = selinux_lane_support::cri_violations(&cri);
+    assert!(
+        violations.is_empty(),
+        "the SELinux lane's CRI report ({}) breaks {} claim(s):\n  - {}",
+        cri_path.display(),
         violations.len(),
         violations.join("\n  - ")
     );

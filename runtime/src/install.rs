@@ -30,7 +30,7 @@ pub mod plan;
 pub mod systemd;
 pub mod verify;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use apply::{Outcome, RestartReport, Timeouts};
 pub use binary::BinarySource;
@@ -115,6 +115,7 @@ impl<'a> Installer<'a> {
     pub fn install(&mut self, req: &InstallRequest) -> Result<Outcome, InstallError> {
         let plan = self.plan_install(req)?;
         if plan.is_noop() {
+            self.tidy(&req.handler, plan.manifest_before.is_some());
             return self.apply(plan, false);
         }
         let recovered = self.recover(&req.handler, &plan)?;
@@ -130,6 +131,7 @@ impl<'a> Installer<'a> {
     pub fn uninstall(&mut self, req: &UninstallRequest) -> Result<Outcome, InstallError> {
         let plan = self.plan_uninstall(req)?;
         if plan.is_noop() {
+            self.tidy(&req.handler, plan.manifest_before.is_some());
             return self.apply(plan, false);
         }
         let recovered = self.recover(&req.handler, &plan)?;
@@ -153,6 +155,52 @@ impl<'a> Installer<'a> {
         )
     }
 
+    /// Removes what a run killed after its commit point left: journal backups (and, with no
+    /// manifest, the handler's whole state directory). Costs one `stat` when there is none.
+    fn tidy(&mut self, handler: &str, installed: bool) {
+        let dir = self.store.handler_dir(handler);
+        let leftover = if installed {
+            dir.join("journal")
+        } else {
+            dir.clone()
+        };
+        if !installed && !self.fs.local(&leftover).exists() {
+            // A killed uninstall may have removed the manifest but not the empty state
+            // directories above it (ours: /var/lib/usernsguard/install and up, while empty).
+            let mut d = Some(self.store.dir.clone());
+            while let Some(p) = d.filter(|p| p.parent().is_some()) {
+                if self.fs.local(&p).exists() && !matches!(self.fs.remove_dir_if_empty(&p), Ok(true)) {
+                    break;
+                }
+                d = p.parent().map(Path::to_path_buf);
+            }
+            return;
+        }
+        if !self.fs.local(&leftover).exists() {
+            return;
+        }
+        let mut dirs = vec![leftover.clone()];
+        if !installed {
+            dirs = vec![dir.join("journal"), dir.join("original"), dir.clone()];
+        }
+        for d in &dirs {
+            if let Ok(entries) = std::fs::read_dir(self.fs.local(d)) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_file()) {
+                        let _ = self.fs.remove(&d.join(e.file_name()));
+                    }
+                }
+            }
+            let _ = self.fs.remove_dir_if_empty(d);
+        }
+        if !installed {
+            let _ = self.fs.remove_dir_if_empty(&self.store.dir);
+            if let Some(parent) = self.store.dir.parent() {
+                let _ = self.fs.remove_dir_if_empty(parent);
+            }
+        }
+    }
+
     /// Rolls back the journal of an interrupted run, if `plan` found one; `Some(true)` when
     /// that run had restarted the CRI runtime (so it must be restarted again).
     fn recover(&mut self, handler: &str, plan: &Plan) -> Result<Option<bool>, InstallError> {
@@ -166,6 +214,14 @@ impl<'a> Installer<'a> {
         let Some(pending) = manifest.and_then(|m| m.pending) else {
             return Ok(None);
         };
+        if pending.phase == manifest::Phase::Committed {
+            // A finished uninstall killed while tidying up: finish it.
+            let installed = pending.previous.as_deref().cloned().ok_or_else(|| {
+                InstallError::State(format!("{}: a committed uninstall without its manifest", handler))
+            })?;
+            apply::finish_uninstall(&mut self.fs, &self.store, &installed, &pending);
+            return Ok(Some(false));
+        }
         tracing::warn!(handler, phase = ?pending.phase, "rolling back an interrupted run");
         let restarted = pending.phase >= manifest::Phase::Restarting;
         apply::roll_back(
@@ -176,7 +232,7 @@ impl<'a> Installer<'a> {
             handler,
             &self.store.manifest_path(handler),
             &pending,
-            false,
+            None,
             &plan.target.socket,
         )
         .map_err(|problems| InstallError::RollbackFailed {

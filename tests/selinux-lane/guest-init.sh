@@ -32,6 +32,8 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts || fatal "mount /de
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || fatal "mount cgroup2"
 mount -t securityfs securityfs /sys/kernel/security 2>/dev/null || true
 echo "LANE: lsm=$(cat /sys/kernel/security/lsm 2>/dev/null || true)"
+# /proc/version ends with the package version: "... Debian 6.1.176-1 (2025-...)".
+echo "LANE: kernel $(uname -r) $(grep -o 'Debian [0-9][^ ]*' /proc/version | tail -n1)"
 ip link set lo up 2>/dev/null || true
 mkdir -p /run /tmp && chmod 1777 /tmp
 
@@ -49,6 +51,15 @@ sed 's/^/LANE-STDERR: /' /lane/err.txt | tail -n 60
 echo "LANE-JSON-BEGIN"
 base64 < /lane/out.json
 echo "LANE-JSON-END"
+# The same failure through containerd 2.1 with enable_selinux = true (run.sh installs it
+# in selftest mode unless SELINUX_LANE_NO_CRI=1).
+[ "$mode" != repro ] && [ -x /lane/cri.sh ] && /lane/cri.sh
+# AVC records, as the kernel prints them (no auditd here; rate-limited, so counts are "at
+# least"). permissive=1: logged but allowed (container_t is permissive); permissive=0: a
+# real denial. runc's setxattr EPERM produces neither.
+dmesg | grep 'avc:  denied' > /lane/avc.txt
+echo "LANE: avc denials: $(grep -c 'permissive=0' /lane/avc.txt) enforced, $(grep -c 'permissive=1' /lane/avc.txt) logged in permissive domains"
+grep 'permissive=0' /lane/avc.txt | head -n 10 | sed 's/^/LANE-AVC: /'
 echo "LANE: done"
 sync
 reboot -f

@@ -98,6 +98,9 @@ struct Progress {
     /// The binary temp file, before it is renamed.
     binary_temp: Option<PathBuf>,
     restarted: bool,
+    /// The CRI runtime answered before the restart: the rollback waits until it answers
+    /// again (one that was down before is not required to be up after).
+    cri_was_up: bool,
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Failure + '_ {
@@ -308,10 +311,7 @@ pub fn apply(
             BinaryAction::InPlace => {}
             BinaryAction::Place { source, .. } => {
                 let dir = b.target.parent().unwrap_or(Path::new("/"));
-                binary_dirs = fs.make_dirs(dir).map_err(|source| InstallError::NotWritable {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+                let made = fs.make_dirs(dir, &mut binary_dirs);
                 let cleanup = |fs: &mut HostFs<'_>, temp: Option<&Path>| {
                     if let Some(t) = temp {
                         let _ = std::fs::remove_file(fs.local(t));
@@ -320,11 +320,18 @@ pub fn apply(
                         let _ = fs.remove_dir_if_empty(d);
                     }
                 };
+                if let Err(source) = made {
+                    cleanup(fs, None);
+                    return Err(InstallError::NotWritable {
+                        path: dir.to_owned(),
+                        source,
+                    });
+                }
                 let _ = fs.remove_stale_temps(dir);
                 let temp = match copy_binary(fs, source, &b.target, &b.sha256) {
                     Ok(t) => t,
                     Err(e) => {
-                        cleanup(fs, None);
+                        cleanup(fs, Some(&b.target.with_file_name(temp_name(&b.target))));
                         return Err(e);
                     }
                 };
@@ -356,15 +363,16 @@ pub fn apply(
         manifest_path: manifest_path.clone(),
         binary_temp: binary_temp.clone(),
         restarted: false,
+        cri_was_up: false,
     };
     let journal = (|| -> Result<(), Failure> {
         let journal_dir = handler_dir.join("journal");
-        let created = fs.make_dirs(&journal_dir).map_err(state_err(&journal_dir))?;
-        pending.dirs.extend(created);
+        let made = fs.make_dirs(&journal_dir, &mut pending.dirs);
         progress.pending.dirs = pending.dirs.clone();
-        fs.make_dirs(&handler_dir.join("original"))
-            .map(|c| pending.dirs.extend(c))
-            .map_err(state_err(&handler_dir))?;
+        made.map_err(state_err(&journal_dir))?;
+        let made = fs.make_dirs(&handler_dir.join("original"), &mut pending.dirs);
+        progress.pending.dirs = pending.dirs.clone();
+        made.map_err(state_err(&handler_dir))?;
         let _ = fs.remove_stale_temps(&journal_dir);
         // Originals first seen now are kept for the uninstall.
         if let Some(after) = &plan.manifest_after {
@@ -475,7 +483,8 @@ pub fn apply(
         }
         for f in plan.changed_files() {
             let dir = f.path.parent().unwrap_or(Path::new("/"));
-            fs.make_dirs(dir).map_err(write_err(dir))?;
+            let mut made = Vec::new();
+            fs.make_dirs(dir, &mut made).map_err(write_err(dir))?;
             match &f.after {
                 Some(bytes) => fs
                     .write_atomic(&f.path, bytes, None, f.temp_in_parent)
@@ -514,6 +523,8 @@ pub fn apply(
             plan.manifest_before.as_ref().or(plan.manifest_after.as_ref()),
             &pending,
         )?;
+        progress.cri_was_up =
+            verify::wait_for_runtime(&socket_local, &plan.target.socket, Duration::ZERO).is_ok();
         let sm = services.as_deref_mut().expect("resolved with the unit");
         progress.restarted = true;
         let o = sm
@@ -563,7 +574,8 @@ pub fn apply(
                     .map_err(state_err(&manifest_path))?;
             }
             None => {
-                fs.remove(&manifest_path).map_err(state_err(&manifest_path))?;
+                pending.phase = Phase::Committed;
+                write_manifest(fs, &manifest_path, plan.manifest_before.as_ref(), &pending)?;
             }
         }
         Ok(())
@@ -579,29 +591,59 @@ pub fn apply(
             let _ = fs.remove(&handler_dir.join(backup));
         }
     }
-    if let Some(JournalBinary::Replaced { backup, .. } | JournalBinary::Removed { backup, .. }) =
-        &pending.binary
-    {
+    if let Some(JournalBinary::Replaced { backup, .. }) = &pending.binary {
         let _ = fs.remove(backup);
     }
     let _ = fs.remove_dir_if_empty(&handler_dir.join("journal"));
     if plan.operation == Operation::Uninstall {
         if let Some(before) = &plan.manifest_before {
-            for rec in &before.files {
-                if let Original::Saved { backup, .. } = &rec.original {
-                    let _ = fs.remove(&handler_dir.join(backup));
-                }
-            }
-        }
-        let _ = fs.remove_dir_if_empty(&handler_dir.join("original"));
-        let _ = fs.remove_dir_if_empty(&handler_dir);
-        for d in &plan.remove_dirs {
-            if let Ok(true) = fs.remove_dir_if_empty(d) {
-                outcome.changed.push(d.clone());
-            }
+            outcome
+                .changed
+                .extend(finish_uninstall(fs, store, before, &pending));
         }
     }
     Ok(outcome)
+}
+
+/// The rest of a committed uninstall (also run by the next run when this one was killed):
+/// the binary's backup, the original copies, the now empty directories the install made,
+/// the handler's state directory, and last the manifest. Returns the directories removed.
+pub fn finish_uninstall(
+    fs: &mut HostFs<'_>,
+    store: &Store,
+    installed: &Manifest,
+    pending: &Pending,
+) -> Vec<PathBuf> {
+    let handler_dir = store.handler_dir(&installed.handler);
+    if let Some(JournalBinary::Removed { backup, .. }) = &pending.binary {
+        let _ = fs.remove(backup);
+    }
+    for sub in ["journal", "original"] {
+        let d = handler_dir.join(sub);
+        if let Ok(entries) = std::fs::read_dir(fs.local(&d)) {
+            for e in entries.flatten() {
+                let _ = fs.remove(&d.join(e.file_name()));
+            }
+        }
+        let _ = fs.remove_dir_if_empty(&d);
+    }
+    let _ = fs.remove_dir_if_empty(&handler_dir);
+    let mut removed = Vec::new();
+    for d in installed.dirs.iter().rev() {
+        if d.starts_with(&store.dir) || store.dir.starts_with(d) {
+            continue;
+        }
+        if let Ok(true) = fs.remove_dir_if_empty(d) {
+            removed.push(d.clone());
+        }
+    }
+    let _ = fs.remove(&store.manifest_path(&installed.handler));
+    for d in installed.dirs.iter().rev().filter(|d| store.dir.starts_with(d)) {
+        if let Ok(true) = fs.remove_dir_if_empty(d) {
+            removed.push(d.clone());
+        }
+    }
+    removed
 }
 
 fn write_manifest(
@@ -639,7 +681,7 @@ fn finish_rollback(
         &plan.handler,
         &progress.manifest_path,
         &progress.pending,
-        progress.restarted,
+        progress.restarted.then_some(progress.cri_was_up),
         &plan.target.socket,
     ) {
         Ok(restart) => InstallError::RolledBack {
@@ -652,7 +694,8 @@ fn finish_rollback(
 
 /// Undoes what the journal `pending` records: every file back to its previous content,
 /// the binary back, the directories the run made removed, the CRI runtime restarted again
-/// if `restarted`, and the manifest as it was. Used after a failed step and, for a run
+/// if `restarted` is `Some` (`Some(true)`: and waited for, as it answered before), and the
+/// manifest as it was. Used after a failed step and, for a run
 /// that was killed, by the next run.
 #[allow(clippy::too_many_arguments)]
 pub fn roll_back(
@@ -663,7 +706,7 @@ pub fn roll_back(
     handler: &str,
     manifest_path: &Path,
     pending: &Pending,
-    restarted: bool,
+    restarted: Option<bool>,
     socket: &Path,
 ) -> Result<Option<RestartOutcome>, Vec<String>> {
     let mut problems = Vec::new();
@@ -676,7 +719,9 @@ pub fn roll_back(
                     if fs.read(&jf.path).ok().flatten().as_deref() == Some(&bytes[..]) {
                         Ok(())
                     } else {
-                        fs.write_atomic(&jf.path, &bytes, None, jf.temp_in_parent)
+                        let mut made = Vec::new();
+                        fs.make_dirs(jf.path.parent().unwrap_or(Path::new("/")), &mut made)
+                            .and_then(|()| fs.write_atomic(&jf.path, &bytes, None, jf.temp_in_parent))
                     }
                 }
                 Ok(_) => Err(std::io::Error::other(format!(
@@ -693,7 +738,10 @@ pub fn roll_back(
         Some(JournalBinary::Created { path }) => fs.remove(path).map(drop).map_err(|e| (path, e)),
         Some(JournalBinary::Replaced { path, backup } | JournalBinary::Removed { path, backup }) => {
             if fs.local(backup).exists() {
-                fs.rename(backup, path).map_err(|e| (path, e))
+                let mut made = Vec::new();
+                fs.make_dirs(path.parent().unwrap_or(Path::new("/")), &mut made)
+                    .and_then(|()| fs.rename(backup, path))
+                    .map_err(|e| (path, e))
             } else {
                 // Killed before the backup link: the binary was not touched yet.
                 Ok(())
@@ -722,9 +770,11 @@ pub fn roll_back(
     if let Err(e) = manifest {
         problems.push(format!("restoring {}: {e}", manifest_path.display()));
     }
-    for jf in &pending.files {
-        if let Original::Saved { backup, .. } = &jf.previous {
-            let _ = fs.remove(&handler_dir.join(backup));
+    // The journal's backups belong to this run only (some may not be listed yet).
+    let journal_dir = handler_dir.join("journal");
+    if let Ok(entries) = std::fs::read_dir(fs.local(&journal_dir)) {
+        for e in entries.flatten() {
+            let _ = fs.remove(&journal_dir.join(e.file_name()));
         }
     }
     for d in pending.dirs.iter().rev() {
@@ -739,11 +789,16 @@ pub fn roll_back(
         let _ = fs.remove_dir_if_empty(d);
     }
     let mut restart = None;
-    if restarted {
+    if let Some(was_up) = restarted {
         match (services, &pending.unit) {
             (Some(sm), Some(unit)) => match sm.restart(unit, timeouts.restart) {
                 Ok(o) if o.succeeded() => {
-                    if let Err(e) = verify::wait_for_runtime(&fs.local(socket), socket, timeouts.cri) {
+                    let back = if was_up {
+                        verify::wait_for_runtime(&fs.local(socket), socket, timeouts.cri).map(drop)
+                    } else {
+                        Ok(())
+                    };
+                    if let Err(e) = back {
                         problems.push(format!("after restarting {unit} on the restored config: {e}"));
                     }
                     restart = Some(o);

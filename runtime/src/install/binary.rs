@@ -272,6 +272,28 @@ pub fn check_runnable(host: &HostRoot, host_path: &Path, timeout: Duration) -> R
 /// (dynamic loader) is missing on the host; ENOEXEC is a binary for another machine.
 fn spawn_failure(host: &HostRoot, host_path: &Path, e: &std::io::Error) -> String {
     let local = host.path(host_path);
+    // glibc's execvp runs a file the kernel refuses with ENOEXEC through /bin/sh, which a
+    // host root may not have: ENOENT then, so look at the file itself.
+    let head = std::fs::read(&local)
+        .map(|b| b[..b.len().min(20)].to_vec())
+        .unwrap_or_default();
+    if local.exists() && !head.starts_with(b"\x7fELF") && !head.starts_with(b"#!") {
+        return format!("exec format error: not a Linux executable (no ELF header): {e}");
+    }
+    if let Some(m) = head.get(18..20).map(|m| u16::from_le_bytes([m[0], m[1]])) {
+        let ours: u16 = if cfg!(target_arch = "x86_64") {
+            62
+        } else if cfg!(target_arch = "aarch64") {
+            183
+        } else {
+            m
+        };
+        if m != ours {
+            return format!(
+                "exec format error: an ELF binary for machine type {m}, not this host's ({ours}): {e}"
+            );
+        }
+    }
     match e.raw_os_error() {
         Some(libc::ENOENT) if local.exists() => match elf_interpreter(&local) {
             Some(interp) if !host.path(&interp).exists() => format!(

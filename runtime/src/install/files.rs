@@ -169,8 +169,9 @@ impl<'a> HostFs<'a> {
         })
     }
 
-    /// Creates `dir` and its missing parents; returns the ones it created, outermost first.
-    pub fn make_dirs(&mut self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+    /// Creates `dir` and its missing parents, outermost first, adding each one made to
+    /// `created` as soon as it exists (so a failure half-way still says what to remove).
+    pub fn make_dirs(&mut self, dir: &Path, created: &mut Vec<PathBuf>) -> io::Result<()> {
         let mut missing = Vec::new();
         let mut d = Some(dir);
         while let Some(p) = d {
@@ -181,10 +182,11 @@ impl<'a> HostFs<'a> {
             d = p.parent();
         }
         missing.reverse();
-        for p in &missing {
+        for p in missing {
             self.step(Step::MakeDir { dir: p.clone() })?;
-            std::fs::create_dir(self.local(p))?;
-            std::fs::set_permissions(self.local(p), std::fs::Permissions::from_mode(0o755))?;
+            std::fs::create_dir(self.local(&p))?;
+            created.push(p.clone());
+            std::fs::set_permissions(self.local(&p), std::fs::Permissions::from_mode(0o755))?;
             if let Some(parent) = p.parent() {
                 self.step(Step::FsyncDir {
                     dir: parent.to_path_buf(),
@@ -192,7 +194,7 @@ impl<'a> HostFs<'a> {
                 fsync_dir(&self.local(parent))?;
             }
         }
-        Ok(missing)
+        Ok(())
     }
 
     /// Removes `dir` if it is empty; `Ok(false)` when it is not (or is gone).

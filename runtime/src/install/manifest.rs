@@ -133,6 +133,8 @@ pub enum Phase {
     Writing,
     /// The CRI runtime is being restarted with the new files.
     Restarting,
+    /// An uninstall is done and only tidying up remains (never rolled back).
+    Committed,
 }
 
 /// A file as it was before the current run.
