@@ -4,7 +4,11 @@
 //! node's user-namespace pod failures ([`watch`]). [`run`] runs them together.
 
 pub mod engine;
+pub mod installer;
+pub mod installs;
+pub mod labels;
 pub mod reconciler;
+pub mod restart_budget;
 pub mod runner;
 pub mod watch;
 

@@ -5,6 +5,7 @@
 
 pub mod api_server;
 pub mod builders;
+pub mod installer;
 pub mod runner;
 pub mod scripted;
 
@@ -13,5 +14,6 @@ pub use api_server::{
     ApiServerVerifier, RequestLog, Seen,
 };
 pub use builders::*;
+pub use installer::FakeInstaller;
 pub use runner::FakeRunner;
 pub use scripted::{added, gone, modified, runtime_classes, Reply, Script, ScriptedApiServer, Watched};

@@ -159,6 +159,44 @@ impl RuntimeProfile {
         p.metadata.generation = Some(1);
         p
     }
+
+    /// Profile `name` registering `handler`.
+    pub fn named(mut self, name: &str, handler: &str) -> Self {
+        self.metadata.name = Some(name.into());
+        self.metadata.uid = Some(format!("{name}-uid"));
+        self.spec.handler = handler.into();
+        self
+    }
+
+    pub fn generation(mut self, g: i64) -> Self {
+        self.metadata.generation = Some(g);
+        self
+    }
+
+    pub fn selecting(mut self, key: &str, value: &str) -> Self {
+        self.spec.node_selector.insert(key.into(), value.into());
+        self
+    }
+
+    /// `cri.restart: none`: the operator restarts the CRI runtime.
+    pub fn restart_none(mut self) -> Self {
+        self.spec.cri.restart = crate::crd::RestartPolicy::None;
+        self
+    }
+
+    pub fn max_concurrent_restarts(mut self, n: i32) -> Self {
+        self.spec.rollout.max_concurrent_restarts = n;
+        self
+    }
+
+    /// Deleted, held by the uninstall finalizer.
+    pub fn deleting(mut self) -> Self {
+        self.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-30T12:00:00Z".parse().unwrap(),
+        ));
+        self.metadata.finalizers = Some(vec![crate::crd::names::UNINSTALL_FINALIZER.into()]);
+        self
+    }
 }
 
 /// A ready reflector store holding `objects`.
