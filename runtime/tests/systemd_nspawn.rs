@@ -205,6 +205,7 @@ fn main() {
             println!("test restart_containerd_through_the_private_socket ... ok");
             install_through_the_containers_systemd();
             println!("test install_through_the_containers_systemd ... ok");
+            println!("test result: ok. 2 passed; 0 failed");
         }
     }
 }
