@@ -5,4 +5,5 @@
 //! host it checks. Host locations and the service manager are parameters, so the logic is
 //! tested against temp dirs and fakes.
 
+pub mod download;
 pub mod systemd;
