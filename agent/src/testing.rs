@@ -14,4 +14,7 @@ pub use api_server::{
 };
 pub use builders::*;
 pub use runner::FakeRunner;
-pub use scripted::{added, gone, modified, runtime_classes, Reply, Script, ScriptedApiServer, Watched};
+pub use scripted::{
+    added, deleted, gone, modified, runtime_classes, selectable_fields, FieldSelector, Reply, Script,
+    ScriptedApiServer, Watched,
+};
