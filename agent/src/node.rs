@@ -64,8 +64,8 @@ mod tests {
     use crate::crd::SelfTest;
     use crate::http::serve_while;
     use crate::testing::{
-        http_status, mock_client, node_meta, query_param, serve_agent_api, unreachable_client, FakeRunner,
-        RequestLog,
+        http_status, mock_client, node_meta, query_param, serve_agent_api, unreachable_client, AgentApi,
+        FakeRunner, RequestLog,
     };
     use http::Method;
     use reconciler::AgentConfig;
@@ -140,7 +140,11 @@ mod tests {
             })
             .collect();
         let log: RequestLog = Arc::default();
-        let fake = tokio::spawn(serve_agent_api(server, log.clone(), st, node, pods, vec![]));
+        let api = AgentApi {
+            pods,
+            ..AgentApi::new(st, node)
+        };
+        let fake = tokio::spawn(serve_agent_api(server, log.clone(), api));
         let (tx, mut rx) = channel::channel(false);
         let (watches, handlers) = watch_config();
         let task = tokio::spawn(run(agent, watches, handlers, Metrics::new("n1").unwrap(), tx));
@@ -177,12 +181,12 @@ mod tests {
             others.is_empty(),
             "lists, gets or writes in steady state: {others:?}"
         );
-        // Five watches (SelfTests, own Node; RuntimeClasses, own pods, sandbox failure
-        // events), each renewed when the server closes it after timeoutSeconds (290 s in
-        // kube's watcher): 12 or 13 each in an hour.
-        assert!(watches <= 5 * 13, "{watches} watch requests");
+        // Six watches (SelfTests, own Node, own NodeReport; RuntimeClasses, own pods, sandbox
+        // failure events), each renewed when the server closes it after timeoutSeconds (290 s
+        // in kube's watcher): 12 or 13 each in an hour.
+        assert!(watches <= 6 * 13, "{watches} watch requests");
         assert!(
-            watches >= 5 * 12,
+            watches >= 6 * 12,
             "{watches}: the watches were not kept open the whole hour"
         );
         // First run, then one every 10 minutes: each re-run found the same and wrote nothing.

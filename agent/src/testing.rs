@@ -10,7 +10,7 @@ pub mod scripted;
 
 pub use api_server::{
     finish, http_status, json_response, mock_client, query_param, serve_agent_api, unreachable_client,
-    ApiServerVerifier, RequestLog, Seen,
+    AgentApi, ApiServerVerifier, RequestLog, Seen,
 };
 pub use builders::*;
 pub use runner::FakeRunner;
