@@ -4,6 +4,7 @@
 //! node's user-namespace pod failures ([`watch`]). [`run`] runs them together.
 
 pub mod engine;
+pub mod handlers;
 pub mod reconciler;
 pub mod runner;
 pub mod watch;
@@ -15,13 +16,22 @@ use tokio::sync::watch as channel;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
+use handlers::HandlerSource;
 use reconciler::Agent;
 use watch::WatchConfig;
 
-/// The whole agent minus HTTP: the SelfTest reconciler ([`reconciler::run`]) and the pod/event failure
-/// watches (`watch::run`). `ready` latches once both completed their first sync. Returns
-/// only if the failure watches give up (the caller exits and the kubelet restarts the pod).
-pub async fn run(agent: Agent, watches: WatchConfig, metrics: Metrics, ready: channel::Sender<bool>) {
+/// The whole agent minus HTTP: the SelfTest reconciler ([`reconciler::run`]), the pod/event
+/// failure watches (`watch::run`), and the refresh of the node's runtime handlers from
+/// `handlers` into `watches.handlers` ([`handlers::refresh`]). `ready` latches once the
+/// reconciler and the watches completed their first sync. Returns only if the failure watches
+/// give up (the caller exits and the kubelet restarts the pod).
+pub async fn run(
+    agent: Agent,
+    watches: WatchConfig,
+    handlers: HandlerSource,
+    metrics: Metrics,
+    ready: channel::Sender<bool>,
+) {
     let client: Client = agent.client().clone();
     let watch_health = Health::new();
     let (reconciler_ready, mut reconciler_ready_rx) = channel::channel(false);
@@ -37,12 +47,14 @@ pub async fn run(agent: Agent, watches: WatchConfig, metrics: Metrics, ready: ch
             std::future::pending::<()>().await
         }
     };
+    let refresh = handlers::refresh(handlers, watches.handlers.clone(), handlers::REFRESH_PERIOD);
     tokio::select! {
         () = reconciler::run(agent, reconciler_ready) => {}
         r = watch::run(client, watches, metrics, watch_health) => {
             tracing::error!(result = ?r, "pod/event failure watches ended");
         }
         () = latch => {}
+        () = refresh => {}
     }
 }
 
@@ -52,8 +64,8 @@ mod tests {
     use crate::crd::SelfTest;
     use crate::http::serve_while;
     use crate::testing::{
-        http_status, mock_client, node_meta, query_param, serve_agent_api, unreachable_client, FakeRunner,
-        RequestLog,
+        http_status, mock_client, node_meta, query_param, serve_agent_api, unreachable_client, AgentApi,
+        FakeRunner, RequestLog,
     };
     use http::Method;
     use reconciler::AgentConfig;
@@ -61,6 +73,15 @@ mod tests {
     use std::sync::Arc;
     use tokio::time::Instant;
     use usernsguard_runtime::Verdict;
+
+    fn watch_config() -> (WatchConfig, HandlerSource) {
+        let classify = Arc::new(usernsguard_runtime::classify::classify);
+        let watches = WatchConfig::new("n1", classify, handlers::NodeHandlers::new());
+        (
+            watches,
+            handlers::fixed(handlers::HandlerSet::of(["runc", "crun"], "runc")),
+        )
+    }
 
     /// The agent's process as `main` runs it (loop + HTTP endpoint), API server down.
     #[tokio::test]
@@ -72,12 +93,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = channel::channel(false);
-        let watches = WatchConfig::new("n1", Arc::new(usernsguard_runtime::classify::classify));
+        let (watches, handlers) = watch_config();
         let process = tokio::spawn(serve_while(
             listener,
             metrics.clone(),
             rx.clone(),
-            run(agent, watches, metrics, tx),
+            run(agent, watches, handlers, metrics, tx),
             std::future::pending(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -119,10 +140,14 @@ mod tests {
             })
             .collect();
         let log: RequestLog = Arc::default();
-        let fake = tokio::spawn(serve_agent_api(server, log.clone(), st, node, pods, vec![]));
+        let api = AgentApi {
+            pods,
+            ..AgentApi::new(st, node)
+        };
+        let fake = tokio::spawn(serve_agent_api(server, log.clone(), api));
         let (tx, mut rx) = channel::channel(false);
-        let watches = WatchConfig::new("n1", Arc::new(usernsguard_runtime::classify::classify));
-        let task = tokio::spawn(run(agent, watches, Metrics::new("n1").unwrap(), tx));
+        let (watches, handlers) = watch_config();
+        let task = tokio::spawn(run(agent, watches, handlers, Metrics::new("n1").unwrap(), tx));
         tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r))
             .await
             .expect("ready within 10 simulated minutes")
@@ -156,12 +181,12 @@ mod tests {
             others.is_empty(),
             "lists, gets or writes in steady state: {others:?}"
         );
-        // Seven watches (SelfTests, own Node; RuntimeClasses, own pods, three failure event
-        // reasons), each renewed when the server closes it after timeoutSeconds (290 s in
-        // kube's watcher): 12 or 13 each in an hour.
-        assert!(watches <= 7 * 13, "{watches} watch requests");
+        // Six watches (SelfTests, own Node, own NodeReport; RuntimeClasses, own pods, sandbox
+        // failure events), each renewed when the server closes it after timeoutSeconds (290 s
+        // in kube's watcher): 12 or 13 each in an hour.
+        assert!(watches <= 6 * 13, "{watches} watch requests");
         assert!(
-            watches >= 7 * 12,
+            watches >= 6 * 12,
             "{watches}: the watches were not kept open the whole hour"
         );
         // First run, then one every 10 minutes: each re-run found the same and wrote nothing.

@@ -28,7 +28,6 @@ HOOK_KEYS = {"helm.sh/hook", "helm.sh/hook-weight", "helm.sh/hook-delete-policy"
 # a strict expected failure: the check fails as soon as the binary has one of them, so
 # that the entry is removed here and the flag checked for real.
 PENDING_FLAGS = {
-    ("agent", "--watch-events"): "agent.watchEvents=false",
     ("controller", "--uninstall-all"): "the pre-delete uninstall hook",
     ("controller", "--timeout"): "the pre-delete uninstall hook",
 }

@@ -13,6 +13,11 @@
 //!
 //! When the API server is unreachable the agent keeps its results in memory and retries with
 //! backoff; nothing is re-run to re-publish, and nothing is lost.
+//!
+//! A deleted NodeReport (by hand, or by the garbage collector when the Node object was
+//! re-registered with a new UID) is recreated at once: a third watch, on the metadata of this
+//! one NodeReport, says when it is gone, and a status write answered `404 Not Found` re-applies
+//! the object (spec, owner) and then the status in the same sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -100,8 +105,9 @@ pub struct Agent {
     runs: BTreeMap<String, Run>,
     /// Normalized status of the last successful NodeReport write.
     published: Option<Value>,
-    /// Whether this process already applied the NodeReport object (spec, owner).
-    report_applied: bool,
+    /// The owner (Node UID) with which this process last applied the NodeReport object
+    /// (spec, owner); None: to be applied (first sync, or the report was deleted).
+    report_owner: Option<String>,
     /// (SelfTest, handler) pairs whose failure has been announced by an Event.
     announced: BTreeSet<(String, String)>,
     /// Where each run's results go as `usernsguard_selftest_*` series.
@@ -132,7 +138,7 @@ impl Agent {
             recorder,
             runs: BTreeMap::new(),
             published: None,
-            report_applied: false,
+            report_owner: None,
             announced: BTreeSet::new(),
             metrics: None,
         }
@@ -344,7 +350,8 @@ impl Agent {
     }
 
     /// Server-side apply of the NodeReport: the object (spec, owner = the Node) once per
-    /// process, the status whenever its content changed.
+    /// process and owner, the status whenever its content changed. A status write answered
+    /// 404 (the report was deleted) re-applies the object, then the status.
     async fn publish_report(
         &mut self,
         selected: &[&SelfTest],
@@ -352,41 +359,68 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let status = self.desired_status(selected);
         let normalized = normalize(&status);
-        if self.published.as_ref() == Some(&normalized) {
+        let owner = node.uid().unwrap_or_default();
+        if self.published.as_ref() == Some(&normalized) && self.report_owner.as_ref() == Some(&owner) {
             return Ok(());
         }
-        let api: Api<NodeReport> = Api::all(self.client.clone());
-        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
-        let name = self.cfg.node_name.clone();
-        if !self.report_applied {
-            let owner = OwnerReference {
-                api_version: "v1".into(),
-                kind: "Node".into(),
-                name: name.clone(),
-                uid: node.uid().unwrap_or_default(),
-                ..OwnerReference::default()
-            };
-            let obj = json!({
-                "apiVersion": names::API_VERSION, "kind": "NodeReport",
-                "metadata": {"name": name, "ownerReferences": [owner]},
-                "spec": {"nodeName": name},
-            });
-            self.bounded("NodeReport apply", api.patch(&name, &pp, &Patch::Apply(&obj)))
-                .await?;
-            self.report_applied = true;
+        if self.report_owner.as_ref() != Some(&owner) {
+            self.apply_report_object(&owner).await?;
         }
         let body = json!({
             "apiVersion": names::API_VERSION, "kind": "NodeReport",
-            "metadata": {"name": name},
+            "metadata": {"name": self.cfg.node_name},
             "status": status,
         });
-        self.bounded(
-            "NodeReport status apply",
-            api.patch_status(&name, &pp, &Patch::Apply(&body)),
-        )
-        .await?;
+        match self.apply_report_status(&body).await {
+            Err(AgentError::Kube(kube::Error::Api(e))) if e.code == 404 => {
+                tracing::warn!(node = %self.cfg.node_name, "NodeReport not found: recreating it");
+                self.report_owner = None;
+                self.apply_report_object(&owner).await?;
+                self.apply_report_status(&body).await?;
+            }
+            other => other?,
+        }
         self.published = Some(normalized);
         Ok(())
+    }
+
+    async fn apply_report_object(&mut self, owner_uid: &str) -> Result<(), AgentError> {
+        let api: Api<NodeReport> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
+        let name = self.cfg.node_name.clone();
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: name.clone(),
+            uid: owner_uid.to_owned(),
+            ..OwnerReference::default()
+        };
+        let obj = json!({
+            "apiVersion": names::API_VERSION, "kind": "NodeReport",
+            "metadata": {"name": name, "ownerReferences": [owner]},
+            "spec": {"nodeName": name},
+        });
+        self.bounded("NodeReport apply", api.patch(&name, &pp, &Patch::Apply(&obj)))
+            .await?;
+        self.report_owner = Some(owner_uid.to_owned());
+        Ok(())
+    }
+
+    async fn apply_report_status(&self, body: &Value) -> Result<(), AgentError> {
+        let api: Api<NodeReport> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
+        self.bounded(
+            "NodeReport status apply",
+            api.patch_status(&self.cfg.node_name, &pp, &Patch::Apply(body)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The NodeReport was deleted: the next sync writes the object and the whole status again.
+    pub fn report_deleted(&mut self) {
+        self.report_owner = None;
+        self.published = None;
     }
 
     /// One Warning Event on the Node per (SelfTest, handler) that turned `fail`; announced
@@ -520,20 +554,37 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
         .reflect(st_writer)
         .map(|_| ());
     let node_events = watcher(
-        Api::<PartialObjectMeta<Node>>::all(client),
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     )
     .default_backoff()
     .reflect(node_writer)
-    .map(|_| ());
-    let mut changes = std::pin::pin!(futures::stream::select(st_events, node_events));
+    .map(|_| false);
+    let mut presence = ReportPresence::default();
+    let report_events = watcher(
+        Api::<PartialObjectMeta<NodeReport>>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff()
+    .map(move |ev| ev.is_ok_and(|ev| presence.gone_after(&ev)));
+    let mut changes = std::pin::pin!(futures::stream::select(
+        futures::stream::select(st_events.map(|_| false), node_events),
+        report_events,
+    ));
 
     let mut next: Option<Instant> = None;
     let mut backoff = agent.cfg.backoff_min;
     loop {
         let deadline = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 3600));
         tokio::select! {
-            c = changes.next() => if c.is_none() { return },
+            c = changes.next() => match c {
+                None => return,
+                Some(true) => {
+                    tracing::warn!(node = %node_name, "own NodeReport deleted: recreating it");
+                    agent.report_deleted();
+                }
+                Some(false) => {}
+            },
             _ = tokio::time::sleep_until(deadline) => {}
         }
         if !(is_ready(&st_store) && is_ready(&node_store)) {
@@ -554,6 +605,42 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
                 tracing::warn!(error = %e, kind = e.metric_label(), retry_in = ?backoff, "agent sync failed");
                 next = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(agent.cfg.backoff_max);
+            }
+        }
+    }
+}
+
+/// Whether this agent's NodeReport exists, from its metadata watch: says when it went away
+/// (deleted on the watch, or missing from a re-list after having been there).
+#[derive(Debug, Default)]
+struct ReportPresence {
+    present: bool,
+    listed: bool,
+}
+
+impl ReportPresence {
+    fn gone_after(&mut self, ev: &watcher::Event<PartialObjectMeta<NodeReport>>) -> bool {
+        match ev {
+            watcher::Event::Init => {
+                self.listed = false;
+                false
+            }
+            watcher::Event::InitApply(_) => {
+                self.listed = true;
+                false
+            }
+            watcher::Event::InitDone => {
+                let gone = self.present && !self.listed;
+                self.present = self.listed;
+                gone
+            }
+            watcher::Event::Apply(_) => {
+                self.present = true;
+                false
+            }
+            watcher::Event::Delete(_) => {
+                self.present = false;
+                true
             }
         }
     }
