@@ -132,6 +132,7 @@ fn the_engine_probes_the_hosts_runc_not_its_own() {
         host,
         cri_socket: None,
         probe_image: None,
+        node_handlers: None,
     };
     let report = engine.run(&RunRequest {
         handlers: vec![],
