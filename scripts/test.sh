@@ -70,6 +70,7 @@ step "benchmarks (figures, not pass/fail)"
 cargo bench -q -p usernsguard-agent --bench selftest
 cargo bench -q -p usernsguard-runtime --bench cri_pod
 cargo bench -q -p usernsguard-agent --bench watch_memory
+cargo bench -q -p usernsguard-agent --bench watch_cluster
 cargo bench -q -p usernsguard-runtime --bench classify -- --warm-up-time 1 --measurement-time 3 typical_mix
 cargo bench -q -p usernsguard-runtime --bench install_noop
 

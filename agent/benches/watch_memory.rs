@@ -1,9 +1,11 @@
 //! Memory benchmark of the agent's watch path: the real `watch::run` (kube-runtime watchers,
 //! the counting state machine, the metrics registry) fed by the fake API server's scripts
-//! with 250 pods of this node and 10,000 failure events about them, listed in pages of 500
-//! as the API server would, then 10,000 count updates over 20 watch responses. Prints the
-//! process RSS (VmRSS) once everything is consumed, and the peak (VmHWM). Target: steady RSS
-//! under 32 MiB.
+//! with 250 pods of this node, each with a container failing to start, and 10,000 sandbox
+//! failure events about them, listed in pages of 500 as the API server would (the first
+//! lists: a baseline, counted by a previous agent), then 10,000 count updates over 20 watch
+//! responses and a new failed container instance per pod, each pod status delivered three
+//! times. Prints the process RSS (VmRSS) once everything is consumed, and the peak (VmHWM).
+//! Target: steady RSS under 32 MiB.
 //!
 //! Run: `cargo bench -p usernsguard-agent --bench watch_memory`
 
@@ -13,8 +15,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use usernsguard_agent::health::Health;
 use usernsguard_agent::metrics::Metrics;
-use usernsguard_agent::node::watch::{self, WatchConfig, FAILURE_EVENT_REASONS};
-use usernsguard_agent::testing::{modified, Reply, Script, ScriptedApiServer, Watched};
+use usernsguard_agent::node::handlers::{HandlerSet, NodeHandlers};
+use usernsguard_agent::node::watch::{self, WatchConfig};
+use usernsguard_agent::testing::{
+    modified, ContainerFixture, PodFixture, Reply, Script, ScriptedApiServer, Watched, START_MQUEUE_MESSAGE,
+};
 use usernsguard_runtime::Reason;
 
 const PODS: usize = 250;
@@ -31,18 +36,28 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn pod(i: usize) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("app-{i}"), "namespace": "bench", "uid": format!("pod-{i:05}"),
-                     "resourceVersion": "1", "labels": {"app": "bench", "pod-template-hash": "6d4cf56db6"},
-                     "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}},
-        "spec": {"nodeName": "node-a", "hostUsers": false,
-                 "runtimeClassName": if i.is_multiple_of(2) { "crun-userns" } else { "runc-userns" },
-                 "containers": [{"name": "app", "image": "registry.example/app:1.2.3",
-                                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]},
-        "status": {"phase": "Pending", "startTime": "2026-01-01T00:00:10Z"}
-    })
+/// Pod `i`, its container failing to start: instance `c{attempt}` left a `StartError`.
+fn pod(i: usize, attempt: usize, rv: usize) -> Value {
+    let app = ContainerFixture::new("app")
+        .waiting("RunContainerError", START_MQUEUE_MESSAGE)
+        .last_start_error(&format!("{i:05}-{attempt}"), START_MQUEUE_MESSAGE)
+        .restarts(attempt as i32);
+    let mut p = PodFixture::userns(&format!("pod-{i:05}"))
+        .runtime_class(if i.is_multiple_of(2) {
+            "crun-userns"
+        } else {
+            "runc-userns"
+        })
+        .container(app)
+        .rv(&rv.to_string())
+        .json();
+    p["metadata"]["name"] = json!(format!("app-{i}"));
+    p["metadata"]["namespace"] = json!("bench");
+    p["metadata"]["labels"] = json!({"app": "bench", "pod-template-hash": "6d4cf56db6"});
+    p["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"});
+    p["spec"]["containers"] = json!([{"name": "app", "image": "registry.example/app:1.2.3",
+                                      "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]);
+    p
 }
 
 fn event(i: usize, count: usize, rv: usize) -> Value {
@@ -62,9 +77,10 @@ fn event(i: usize, count: usize, rv: usize) -> Value {
     })
 }
 
-/// The scripts of every watched resource: RuntimeClasses and pods listed once, the sandbox
-/// failure events listed in pages of 500 and then updated over 20 watch responses, the
-/// other failure reasons empty. Built lazily: only the page being served is in memory.
+/// The scripts of every watched resource: RuntimeClasses listed once; pods listed, then each
+/// pod's next failed instance delivered three times; the sandbox failure events listed in
+/// pages of 500 and then updated over 20 watch responses. Built lazily: only the page being
+/// served is in memory.
 fn scripts() -> Vec<(Watched, Script)> {
     let classes = ["crun", "runc"]
         .iter()
@@ -90,7 +106,14 @@ fn scripts() -> Vec<(Watched, Script)> {
                 .collect(),
         )
     });
-    let mut scripts: Vec<(Watched, Script)> = vec![
+    let pod_updates = (0..3).map(|round| {
+        Reply::Watch(
+            (0..PODS)
+                .map(|i| modified(pod(i, 2, 10 + round * PODS + i)))
+                .collect(),
+        )
+    });
+    vec![
         (
             Watched::runtime_classes(),
             Box::new(std::iter::once(Reply::List {
@@ -100,26 +123,16 @@ fn scripts() -> Vec<(Watched, Script)> {
         ),
         (
             Watched::pods("node-a"),
-            Box::new(std::iter::once(Reply::List {
-                rv: "1",
-                items: (0..PODS).map(pod).collect(),
-            })),
+            Box::new(
+                std::iter::once(Reply::List {
+                    rv: "1",
+                    items: (0..PODS).map(|i| pod(i, 1, 1)).collect(),
+                })
+                .chain(pod_updates),
+            ),
         ),
-        (
-            Watched::events("FailedCreatePodSandBox"),
-            Box::new(pages.chain(rounds)),
-        ),
-    ];
-    for reason in &FAILURE_EVENT_REASONS[1..] {
-        scripts.push((
-            Watched::events(reason),
-            Box::new(std::iter::once(Reply::List {
-                rv: "1",
-                items: vec![],
-            })),
-        ));
-    }
-    scripts
+        (Watched::sandbox_events(), Box::new(pages.chain(rounds))),
+    ]
 }
 
 fn main() {
@@ -132,28 +145,27 @@ fn main() {
         let (client, mut server) = ScriptedApiServer::start_lazy(scripts());
         let metrics = Metrics::new("node-a").unwrap();
         let health = Health::new();
-        let cfg = WatchConfig {
-            agent_start: "2026-01-01T00:00:00Z".parse().unwrap(),
-            ..WatchConfig::new("node-a", Arc::new(usernsguard_runtime::classify::classify))
-        };
+        let cfg = WatchConfig::new(
+            "node-a",
+            Arc::new(usernsguard_runtime::classify::classify),
+            NodeHandlers::known(HandlerSet::of(["runc", "crun"], "runc")),
+        );
         let started = Instant::now();
         let task = tokio::spawn(watch::run(client, cfg, metrics.clone(), health.clone()));
-        // One parked watch per resource: runtime classes, pods and the three event reasons.
-        server
-            .wait_parked(2 + FAILURE_EVENT_REASONS.len(), Duration::from_secs(120))
-            .await;
+        // One parked watch per resource: runtime classes, pods and sandbox failure events.
+        server.wait_parked(3, Duration::from_secs(120)).await;
         let elapsed = started.elapsed();
         assert!(health.is_ready());
         let counted = metrics.pod_failures("crun", Reason::MqueueSetxattr)
             + metrics.pod_failures("runc", Reason::MqueueSetxattr);
-        // Each event: created after the agent started, listed with 1 + i % 4 occurrences,
-        // then updated to 2 + i % 4: exactly 2 + i % 4 occurrences in total.
-        let expected: u64 = (0..EVENTS).map(|i| 2 + (i % 4) as u64).sum();
-        assert_eq!(counted, expected, "every occurrence counted exactly once");
+        // Each event: listed with 1 + i % 4 occurrences (the baseline), then updated to
+        // 2 + i % 4: one new occurrence each; each pod: one new container instance.
+        let expected = (EVENTS + PODS) as u64;
+        assert_eq!(counted, expected, "every new occurrence counted exactly once");
         tokio::time::sleep(Duration::from_millis(200)).await;
         let rss = status_kib("VmRSS:");
         let hwm = status_kib("VmHWM:");
-        println!("watch_memory: {PODS} pods, {EVENTS} events ({UPDATE_ROUNDS} watch rounds of updates), {counted} occurrences counted in {elapsed:.2?}");
+        println!("watch_memory: {PODS} pods, {EVENTS} events ({UPDATE_ROUNDS} watch rounds of updates, 3 of pod statuses), {counted} new occurrences counted in {elapsed:.2?}");
         println!("watch_memory: RSS before start {:.1} MiB", before as f64 / 1024.0);
         println!("watch_memory: steady RSS {:.1} MiB (target < 32 MiB)", rss as f64 / 1024.0);
         println!("watch_memory: peak RSS (VmHWM) {:.1} MiB", hwm as f64 / 1024.0);

@@ -200,12 +200,26 @@ impl Metrics {
 
     /// Creates the zero-valued failure and start series of a handler, so `rate()` and
     /// `increase()` see the first failure as an increase from 0 rather than a new series.
+    /// Called for the handlers the node's CRI runtime registers, and only those: label values
+    /// stay bounded by the node's configuration, not by the cluster's RuntimeClasses.
     pub fn register_handler(&self, handler: &str) {
         for reason in Reason::ALL.into_iter().filter(|r| r.is_userns()) {
             self.pod_userns_failures
                 .with_label_values(&[handler, reason.as_str()]);
         }
         self.pod_userns_starts.with_label_values(&[handler]);
+    }
+
+    /// Removes every failure and start series of a handler the node no longer registers
+    /// (zero or not: Prometheus reads a vanished counter as ended, and a later failure of a
+    /// pod still using that handler starts it again from 0).
+    pub fn remove_handler(&self, handler: &str) {
+        for reason in Reason::ALL {
+            let _ = self
+                .pod_userns_failures
+                .remove_label_values(&[handler, reason.as_str()]);
+        }
+        let _ = self.pod_userns_starts.remove_label_values(&[handler]);
     }
 
     /// Adds `delta` new occurrences of a user-namespace pod failure. `Unrelated` is never
@@ -280,7 +294,6 @@ impl Metrics {
                 .with_label_values(&[handler, info.0.as_str(), info.1.as_str()])
                 .set(1);
             seen.insert(handler.to_owned(), info);
-            self.register_handler(handler);
         }
     }
 
@@ -313,16 +326,26 @@ impl Metrics {
             .inc();
     }
 
-    /// Current value of a failure counter (tests and diagnostics).
+    /// Current value of a failure counter, 0 when the series does not exist (tests and
+    /// diagnostics; reading never creates a series).
     pub fn pod_failures(&self, handler: &str, reason: Reason) -> u64 {
-        self.pod_userns_failures
-            .with_label_values(&[handler, reason.as_str()])
-            .get()
+        counter_value(&self.pod_userns_failures, &[handler, reason.as_str()])
     }
 
-    /// Current value of a start counter (tests and diagnostics).
+    /// Current value of a start counter, 0 when the series does not exist.
     pub fn pod_starts(&self, handler: &str) -> u64 {
-        self.pod_userns_starts.with_label_values(&[handler]).get()
+        counter_value(&self.pod_userns_starts, &[handler])
+    }
+
+    /// The `runtime_handler` values of the existing pod failure and start series, sorted.
+    pub fn pod_series_handlers(&self) -> Vec<String> {
+        let mut out: Vec<String> = [&self.pod_userns_failures, &self.pod_userns_starts]
+            .into_iter()
+            .flat_map(|v| series_labels(v, "runtime_handler"))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The classic Prometheus text exposition of every registered metric.
@@ -335,6 +358,46 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Label values of every existing series of `vec`, in the vector's label order.
+fn series(vec: &IntCounterVec) -> Vec<(Vec<(String, String)>, u64)> {
+    use prometheus::core::Collector;
+    vec.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| {
+            let labels = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                .collect();
+            (labels, m.get_counter().get_value() as u64)
+        })
+        .collect()
+}
+
+fn series_labels(vec: &IntCounterVec, name: &str) -> Vec<String> {
+    series(vec)
+        .into_iter()
+        .filter_map(|(labels, _)| labels.into_iter().find(|(n, _)| n == name).map(|(_, v)| v))
+        .collect()
+}
+
+/// The value of the series whose label values are `values` (in the vector's label order),
+/// without creating it.
+fn counter_value(vec: &IntCounterVec, values: &[&str]) -> u64 {
+    use prometheus::core::Collector;
+    let names: Vec<String> = vec.desc()[0].variable_labels.clone();
+    series(vec)
+        .into_iter()
+        .find(|(labels, _)| {
+            names
+                .iter()
+                .zip(values)
+                .all(|(n, v)| labels.iter().any(|(ln, lv)| ln == n && lv == v))
+        })
+        .map_or(0, |(_, v)| v)
 }
 
 /// The content type of [`Metrics::render`].
@@ -448,21 +511,41 @@ mod tests {
             .as_deref(),
             Some("1")
         );
-        // The handler's failure counters exist at 0 for every userns reason, never `unrelated`.
-        assert_eq!(
-            sample(
-                &text,
-                "usernsguard_pod_userns_failures_total",
-                &[
-                    ("node", "node-a"),
-                    ("reason", "mqueue_setxattr"),
-                    ("runtime_handler", "runc")
-                ]
-            )
-            .as_deref(),
-            Some("0")
-        );
+        // Pod failure series are the failure watches' (for the node's CRI handlers), not the
+        // self-test's: a SelfTest may name a handler the node does not have.
+        assert!(!text.contains("usernsguard_pod_userns_failures_total{"), "{text}");
+        assert!(m.pod_series_handlers().is_empty());
+    }
+
+    #[test]
+    fn registered_handlers_get_zero_series_of_userns_reasons_and_removal_drops_them_all() {
+        let m = Metrics::new("n").unwrap();
+        m.register_handler("runc");
+        m.register_handler("crun");
+        m.add_pod_failures("crun", Reason::MqueueSetxattr, 2);
+        m.inc_pod_start("crun");
+        let text = m.render();
+        let labels = [
+            ("node", "n"),
+            ("reason", "idmap_unsupported"),
+            ("runtime_handler", "runc"),
+        ];
+        let got = sample(&text, "usernsguard_pod_userns_failures_total", &labels);
+        assert_eq!(got.as_deref(), Some("0"));
         assert!(!text.contains(r#"reason="unrelated""#));
+        let zero_series = text
+            .lines()
+            .filter(|l| l.starts_with("usernsguard_pod_userns_failures_total{") && l.contains("\"runc\""))
+            .count();
+        let userns_reasons = Reason::ALL.iter().filter(|r| r.is_userns()).count();
+        assert_eq!(zero_series, userns_reasons);
+        assert_eq!(m.pod_series_handlers(), ["crun", "runc"]);
+
+        m.remove_handler("crun");
+        assert_eq!(m.pod_series_handlers(), ["runc"]);
+        assert_eq!(m.pod_failures("crun", Reason::MqueueSetxattr), 0);
+        assert_eq!(m.pod_series_handlers(), ["runc"], "reading creates no series");
+        assert!(!m.render().contains(r#"runtime_handler="crun""#));
     }
 
     #[test]
@@ -531,7 +614,10 @@ mod tests {
         let crun = [("node", "n"), ("runtime_handler", "crun"), ("state", "installed")];
         assert_eq!(sample(&text, "usernsguard_runtime_install_state", &crun), None);
         let runc = [("node", "n"), ("runtime_handler", "runc"), ("state", "failed")];
-        assert_eq!(sample(&text, "usernsguard_runtime_install_state", &runc).as_deref(), Some("1"));
+        assert_eq!(
+            sample(&text, "usernsguard_runtime_install_state", &runc).as_deref(),
+            Some("1")
+        );
     }
 
     #[test]
@@ -558,6 +644,7 @@ mod tests {
         m.set_install_state("crun", InstallState::Installed);
         m.inc_runtime_restart("containerd", RestartResult::Success);
         m.inc_pod_start("crun");
+        m.register_handler("runc");
         let text = m.render();
         let mut exported: Vec<&str> = text
             .lines()

@@ -11,9 +11,12 @@ pub mod scripted;
 
 pub use api_server::{
     finish, http_status, json_response, mock_client, query_param, serve_agent_api, unreachable_client,
-    ApiServerVerifier, RequestLog, Seen,
+    AgentApi, ApiServerVerifier, RequestLog, Seen,
 };
 pub use builders::*;
 pub use installer::FakeInstaller;
 pub use runner::FakeRunner;
-pub use scripted::{added, gone, modified, runtime_classes, Reply, Script, ScriptedApiServer, Watched};
+pub use scripted::{
+    added, deleted, gone, modified, runtime_classes, selectable_fields, FieldSelector, Reply, Script,
+    ScriptedApiServer, Watched,
+};

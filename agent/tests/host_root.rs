@@ -106,7 +106,16 @@ fn the_engine_probes_the_hosts_runc_not_its_own() {
         "this machine's runc: {own_version:?}"
     );
 
-    let runc_143 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/runtimes/runc-1.4.3");
+    // ../shared/runtimes, or $RUNTIMES_DIR as tests/containerd/lib.sh takes it (a worktree).
+    let runc_143 = std::env::var_os("RUNTIMES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/runtimes"))
+        .join("runc-1.4.3");
+    assert!(
+        runc_143.exists(),
+        "{} is missing (set RUNTIMES_DIR)",
+        runc_143.display()
+    );
     let fake = FakeHost::build(&runc_143);
     let host = HostRoot::at(fake.root()).unwrap();
     assert_eq!(
@@ -123,6 +132,7 @@ fn the_engine_probes_the_hosts_runc_not_its_own() {
         host,
         cri_socket: None,
         probe_image: None,
+        node_handlers: None,
     };
     let report = engine.run(&RunRequest {
         handlers: vec![],

@@ -67,11 +67,18 @@ fn dry_run_install_again_uninstall_and_bad_input() {
     let (code, out, _) =
         usernsguard(&[&["install", "--runtime-binary", bin, "--dry-run"][..], &base].concat());
     assert_eq!(code, 0);
+    // A version 2 config gets the handler in place (containerd 1.x would let a drop-in's
+    // CRI section replace the root's).
+    assert!(out.contains("+++ b/etc/containerd/config.toml"), "{out}");
     assert!(
-        out.contains("+++ b/etc/containerd/conf.d/usernsguard-runc-1-4-3.toml"),
+        out.contains("+[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc-1-4-3]"),
         "{out}"
     );
-    assert!(out.contains("+imports = [\"/etc/containerd/nvidia.toml\", \"/etc/containerd/conf.d/usernsguard-runc-1-4-3.toml\"]"), "{out}");
+    assert!(!out.contains("conf.d"), "{out}");
+    assert!(
+        out.contains("note: /etc/containerd/nvidia.toml has a plugins.\"io.containerd.grpc.v1.cri\" section"),
+        "{out}"
+    );
     assert!(out.contains("would restart needed: containerd.service"), "{out}");
     assert_eq!(tree(host.path()), pristine, "dry-run changed something");
 

@@ -48,6 +48,18 @@ impl CriKind {
         }
     }
 
+    /// The handler of pods without a RuntimeClass when the configuration names none:
+    /// containerd's `default_runtime_name` defaults to `runc`; CRI-O's `default_runtime`
+    /// defaults to `crun` since CRI-O 1.31 (`DefaultRuntime` in its `pkg/config/config_linux.go`,
+    /// cri-o/cri-o PR 8549; `runc` before, though CRI-O's packages have shipped a
+    /// `crio.conf.d/10-crio.conf` naming `crun` since 1.28, and that drop-in is read like any).
+    pub const fn builtin_default_handler(self) -> &'static str {
+        match self {
+            CriKind::Containerd => "runc",
+            CriKind::Crio => "crun",
+        }
+    }
+
     /// The socket the CRI runtime listens on when its configuration does not say.
     pub const fn default_socket(self) -> &'static str {
         match self {
@@ -77,6 +89,10 @@ pub struct CriConfig {
     pub selinux: bool,
     /// The configured socket (containerd `grpc.address`, CRI-O `crio.api.listen`).
     pub socket: Option<PathBuf>,
+    /// The handler the CRI runtime uses for a pod without a RuntimeClass: containerd
+    /// `containerd.default_runtime_name`, CRI-O `crio.runtime.default_runtime`, else the
+    /// runtime's built-in default ([`CriKind::builtin_default_handler`]).
+    pub default_handler: String,
 }
 
 impl CriConfig {
@@ -151,6 +167,7 @@ fn string(item: Option<&Item>) -> Option<String> {
 struct ContainerdFile {
     handlers: Vec<DeclaredHandler>,
     selinux: Option<bool>,
+    default_handler: Option<String>,
     socket: Option<PathBuf>,
     imports: Vec<String>,
 }
@@ -179,6 +196,11 @@ fn containerd_file(text: &str, path: &Path) -> Result<ContainerdFile, CriConfigE
     {
         if let Some(b) = plugin.get("enable_selinux").and_then(Item::as_bool) {
             out.selinux = Some(b);
+        }
+        if let Some(name) =
+            table(plugin.get("containerd")).and_then(|c| string(c.get("default_runtime_name")))
+        {
+            out.default_handler = Some(name);
         }
         let runtimes = table(plugin.get("containerd")).and_then(|c| table(c.get("runtimes")));
         for (name, rt) in runtimes.into_iter().flat_map(|r| r.iter()) {
@@ -210,6 +232,7 @@ fn containerd_file(text: &str, path: &Path) -> Result<ContainerdFile, CriConfigE
 struct CrioFile {
     handlers: Vec<DeclaredHandler>,
     selinux: Option<bool>,
+    default_handler: Option<String>,
     socket: Option<PathBuf>,
 }
 
@@ -219,6 +242,7 @@ fn crio_file(text: &str, path: &Path) -> Result<CrioFile, CriConfigError> {
     let runtime = crio.and_then(|c| table(c.get("runtime")));
     let mut out = CrioFile {
         selinux: runtime.and_then(|r| r.get("selinux")).and_then(Item::as_bool),
+        default_handler: runtime.and_then(|r| string(r.get("default_runtime"))),
         socket: crio
             .and_then(|c| table(c.get("api")))
             .and_then(|a| string(a.get("listen")))
@@ -273,6 +297,7 @@ pub fn read_containerd(host: &HostRoot, root: &Path) -> Result<CriConfig, CriCon
         handlers: Vec::new(),
         selinux: false,
         socket: None,
+        default_handler: CriKind::Containerd.builtin_default_handler().to_owned(),
     };
     let mut pending = vec![root.to_path_buf()];
     while !pending.is_empty() {
@@ -296,6 +321,9 @@ pub fn read_containerd(host: &HostRoot, root: &Path) -> Result<CriConfig, CriCon
         }
         config.selinux = file.selinux.unwrap_or(config.selinux);
         config.socket = file.socket.or(config.socket);
+        if let Some(name) = file.default_handler {
+            config.default_handler = name;
+        }
         let base = path.parent().unwrap_or(Path::new("/"));
         for pattern in &file.imports {
             pending.extend(glob(host, &base.join(pattern)));
@@ -330,6 +358,7 @@ pub fn read_crio(host: &HostRoot, main: &Path, drop_ins: &Path) -> Result<CriCon
         handlers: Vec::new(),
         selinux: false,
         socket: None,
+        default_handler: CriKind::Crio.builtin_default_handler().to_owned(),
     };
     for path in files {
         let Some(text) = read_host(host, &path)? else {
@@ -342,6 +371,9 @@ pub fn read_crio(host: &HostRoot, main: &Path, drop_ins: &Path) -> Result<CriCon
         }
         config.selinux = file.selinux.unwrap_or(config.selinux);
         config.socket = file.socket.or(config.socket);
+        if let Some(name) = file.default_handler {
+            config.default_handler = name;
+        }
     }
     Ok(config)
 }

@@ -19,8 +19,16 @@
 //! the host root before `exec` (not `chroot`: the kernel refuses `CLONE_NEWUSER` to a
 //! chrooted process, and runtimes create user namespaces). Paths given to them are host
 //! paths; [`HostRoot::path`] turns a host path into the one this process opens.
+//!
+//! A host root may also be `/proc/<pid>/root` of a process in another mount namespace
+//! (a container's init, PID 1 seen with `hostPID`). Its files open fine through that
+//! magic link, but two things differ: `readlink` (so `canonicalize`) reads it back as `/`,
+//! which would silently make the host this process's own root; and its mounts are not in
+//! this process's namespace, so the kernel refuses to bind-mount them (`EINVAL`) for the
+//! `pivot_root`. Such a root is kept as given, and its programs run in a copy of that
+//! process's mount namespace instead (`setns`, then `unshare`).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -36,6 +44,20 @@ pub const SERVICE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRoot {
     root: PathBuf,
+    /// Set when `root` is `/proc/<pid>/root[/<inner>]` of a process in another mount
+    /// namespace.
+    foreign: Option<ForeignRoot>,
+}
+
+/// A host root in another mount namespace, entered by `setns` rather than bind-mounted.
+/// The process's root is taken to be its namespace's root, as a container's init's is
+/// (`setns` starts at the namespace's root, not at a `chroot` inside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ForeignRoot {
+    /// `/proc/<pid>/ns/mnt`.
+    mnt_ns: PathBuf,
+    /// The host root inside that namespace (`/` for `/proc/<pid>/root` itself).
+    inner: PathBuf,
 }
 
 /// A directory on the host: where this process opens it, and what the host (and the
@@ -76,10 +98,12 @@ impl HostRoot {
     pub fn own() -> HostRoot {
         HostRoot {
             root: PathBuf::from("/"),
+            foreign: None,
         }
     }
 
-    /// The host mounted at `root` (e.g. `/host`).
+    /// The host mounted at `root` (e.g. `/host`), or the root of a process in another mount
+    /// namespace (`/proc/<pid>/root`).
     pub fn at(root: impl Into<PathBuf>) -> Result<HostRoot, HostError> {
         let root = root.into();
         if !root.is_absolute() {
@@ -89,8 +113,20 @@ impl HostRoot {
             path: root.clone(),
             source,
         })?;
-        let root = root.canonicalize().unwrap_or(root);
-        Ok(HostRoot { root })
+        if let Some(foreign) = foreign_root(&root) {
+            return Ok(HostRoot {
+                root,
+                foreign: Some(foreign),
+            });
+        }
+        // Canonical names compare and print better, but only a name for the same
+        // directory will do: a magic link into a place this process cannot name reads
+        // back as something else (`/proc/<pid>/root` of a chrooted process, say).
+        let root = match root.canonicalize() {
+            Ok(c) if same_file(&c, &root) => c,
+            _ => root,
+        };
+        Ok(HostRoot { root, foreign: None })
     }
 
     pub fn root(&self) -> &Path {
@@ -99,7 +135,7 @@ impl HostRoot {
 
     /// Whether the host is this process's own root (no translation, no pivot).
     pub fn is_own(&self) -> bool {
-        self.root == Path::new("/")
+        self.foreign.is_none() && self.root == Path::new("/")
     }
 
     /// The path this process opens for the host path `host_path` (absolute or not, taken
@@ -184,19 +220,63 @@ impl HostRoot {
     /// of this process's PID namespace at `/proc`.
     pub fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
-        if !self.is_own() {
-            let root = CString::new(self.root.as_os_str().as_bytes()).expect("paths have no NUL");
-            // SAFETY: `enter_root` makes raw syscalls only, with strings allocated before
-            // the fork; it is async-signal-safe.
-            unsafe { cmd.pre_exec(move || enter_root(&root)) };
+        if self.is_own() {
+            return cmd;
         }
+        let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("paths have no NUL");
+        let (mnt_ns, root) = match &self.foreign {
+            Some(f) => (Some(cstr(&f.mnt_ns)), cstr(&f.inner)),
+            None => (None, cstr(&self.root)),
+        };
+        // SAFETY: `enter_root` makes raw syscalls only, with strings allocated before
+        // the fork; it is async-signal-safe.
+        unsafe { cmd.pre_exec(move || enter_root(mnt_ns.as_deref(), &root)) };
         cmd
     }
 }
 
+/// `/proc/<pid>/root[/<inner>]` of a process in another mount namespace than ours.
+fn foreign_root(root: &Path) -> Option<ForeignRoot> {
+    let mut comps = root.components();
+    if comps.next() != Some(Component::RootDir) || comps.next() != Some(Component::Normal("proc".as_ref())) {
+        return None;
+    }
+    let pid = comps.next()?.as_os_str().to_str()?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if comps.next() != Some(Component::Normal("root".as_ref())) {
+        return None;
+    }
+    let mut inner = PathBuf::from("/");
+    for c in comps {
+        match c {
+            Component::Normal(n) => inner.push(n),
+            Component::CurDir => {}
+            // `..` under a magic link means what the link's target says: not ours to guess.
+            _ => return None,
+        }
+    }
+    let mnt_ns = Path::new("/proc").join(pid).join("ns/mnt");
+    if same_file(&mnt_ns, Path::new("/proc/self/ns/mnt")) {
+        return None;
+    }
+    Some(ForeignRoot { mnt_ns, inner })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Runs in the forked child before exec: a private mount namespace whose root is the host
-/// root, with a fresh procfs so that PIDs read the same as in this process.
-fn enter_root(root: &CString) -> io::Result<()> {
+/// root, with a fresh procfs so that PIDs read the same as in this process. With `mnt_ns`
+/// the private namespace is a copy of that one (whose root `setns` makes ours), and `root`
+/// is a path in it.
+fn enter_root(mnt_ns: Option<&CStr>, root: &CStr) -> io::Result<()> {
     let check = |r: libc::c_int| {
         if r == 0 {
             Ok(())
@@ -206,6 +286,15 @@ fn enter_root(root: &CString) -> io::Result<()> {
     };
     // SAFETY: raw syscalls on NUL-terminated strings that live across the calls.
     unsafe {
+        if let Some(ns) = mnt_ns {
+            let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let joined = check(libc::setns(fd, libc::CLONE_NEWNS));
+            libc::close(fd);
+            joined?;
+        }
         check(libc::unshare(libc::CLONE_NEWNS))?;
         check(libc::mount(
             std::ptr::null(),
@@ -214,16 +303,20 @@ fn enter_root(root: &CString) -> io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
-        check(libc::mount(
-            root.as_ptr(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        ))?;
-        check(libc::chdir(root.as_ptr()))?;
-        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        // In a joined namespace whose root is the host root, `setns` made it ours already
+        // (and `pivot_root` refuses the current root as the new one).
+        if mnt_ns.is_none() || root.to_bytes() != b"/" {
+            check(libc::mount(
+                root.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::chdir(root.as_ptr()))?;
+            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        }
         check(libc::chdir(c"/".as_ptr()))?;
         check(libc::mount(
             c"proc".as_ptr(),
@@ -284,6 +377,76 @@ mod tests {
         let d = host.dir("/run/usernsguard").join("h0");
         assert_eq!(d.host, PathBuf::from("/run/usernsguard/h0"));
         assert_eq!(d.local, root.join("run/usernsguard/h0"));
+    }
+
+    /// A process in a mount namespace of its own (and a user namespace, so that no root
+    /// is needed) with a tmpfs over `dir` that only it sees, holding `dir/marker`.
+    struct OtherMountNs(std::process::Child);
+
+    impl OtherMountNs {
+        fn start(dir: &Path) -> OtherMountNs {
+            use std::io::BufRead;
+            let mut child = Command::new("unshare")
+                .args(["--user", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount -t tmpfs ug-test "$0" && echo inside > "$0/marker" && echo ready && exec sleep 60"#)
+                .arg(dir)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run unshare (util-linux)");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready", "unshare --user --mount failed");
+            OtherMountNs(child)
+        }
+    }
+
+    impl Drop for OtherMountNs {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_root_in_another_mount_namespace_is_kept_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = OtherMountNs::start(dir.path());
+        let proc_root = PathBuf::from(format!("/proc/{}/root", other.0.id()));
+        let marker = dir.path().join("marker");
+        assert!(!marker.exists(), "the tmpfs is not in our mount namespace");
+
+        // `/proc/<pid>/root` reads back as "/" here: canonicalizing it would make the host
+        // this process's own root.
+        let host = HostRoot::at(&proc_root).unwrap();
+        assert!(!host.is_own());
+        assert_eq!(host.root(), proc_root);
+        assert_eq!(
+            host.path(&marker),
+            proc_root.join(marker.strip_prefix("/").unwrap())
+        );
+        assert_eq!(std::fs::read_to_string(host.path(&marker)).unwrap(), "inside\n");
+        assert_eq!(
+            host.foreign,
+            Some(ForeignRoot {
+                mnt_ns: PathBuf::from(format!("/proc/{}/ns/mnt", other.0.id())),
+                inner: PathBuf::from("/"),
+            })
+        );
+
+        // A directory below it: the same namespace, entered at that directory.
+        let below = HostRoot::at(proc_root.join(dir.path().strip_prefix("/").unwrap())).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(below.path("/marker")).unwrap(),
+            "inside\n"
+        );
+        assert_eq!(below.foreign.as_ref().unwrap().inner, dir.path());
+
+        // Our own root through /proc is our own root.
+        let me = HostRoot::at(format!("/proc/{}/root", std::process::id())).unwrap();
+        assert!(me.is_own(), "{me:?}");
+        assert!(HostRoot::at("/proc/self/root").unwrap().is_own());
     }
 
     #[test]

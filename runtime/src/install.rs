@@ -17,11 +17,13 @@
 //! - [`files`]: atomic writes, with the step hook the crash tests kill at;
 //! - [`manifest`]: what was changed, recorded on the host for uninstall and rollback;
 //! - [`plan`], [`apply`]: the two halves of a run; [`verify`]: the CRI check;
-//! - [`systemd`]: restarting the CRI runtime through PID 1's private socket.
+//! - [`systemd`]: restarting the CRI runtime through PID 1's private socket;
+//! - [`download`]: fetching a `Url` runtime binary onto the node (the agent's).
 
 pub mod apply;
 pub mod binary;
 pub mod containerd;
+pub mod download;
 pub mod edit;
 pub mod error;
 pub mod files;

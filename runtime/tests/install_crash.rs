@@ -164,6 +164,12 @@ fn scenario(case: &str, containerd: &Path, binary: &Path) -> (usize, usize) {
     assert_ne!(old, new);
     let new_dump = containerd_loads(containerd, reference.path()).expect("the installed config loads");
     assert!(new_dump.contains(HANDLER), "{new_dump}");
+    // And keeps the root's CRI settings: containerd 1.x lets a drop-in's CRI section replace
+    // the root's, default runtime and all (why a v2 root is edited in place).
+    assert!(
+        new_dump.contains("containerd.runtimes.runc]"),
+        "{case}: the default runtime runc is gone from the merged config:\n{new_dump}"
+    );
     let installed = snapshot(reference.path());
 
     let check = |host: &Path, what: &str| {

@@ -1,8 +1,14 @@
-//! `SystemdBus` against a real systemd: Debian 12 booted with `systemd-nspawn -b`
-//! (tests/nspawn/), systemd 252 as its PID 1 and Debian's containerd 1.6 as a unit.
-//! Needs root, debootstrap and systemd-container (scripts/install-deps.sh); builds the
-//! cached root the first time (network, about a minute). Fails, never skips, when the rig
-//! cannot come up.
+//! `SystemdBus` and the installer's systemd path against a real systemd: Debian 12 booted
+//! with `systemd-nspawn -b` (tests/nspawn/), systemd 252 as its PID 1 and Debian's
+//! containerd 1.6 as a unit. Needs root, debootstrap and systemd-container
+//! (scripts/install-deps.sh); builds the cached root the first time (network, about a
+//! minute). Fails, never skips, when the rig cannot come up.
+//!
+//! Two tests, each in a container of its own: restarts through the private socket
+//! ([`restart_containerd_through_the_private_socket`]), and `Installer` with the container
+//! as its host root (`/proc/<init>/root`) installing runc 1.4.3 for that containerd,
+//! again, uninstalling, and rolled back when the unit does not start with its change
+//! ([`install_through_the_containers_systemd`]).
 //!
 //! The client runs inside the container's PID namespace: systemd drops a private-socket
 //! peer whose PID it cannot see, and from the container's systemd this test's PID is
@@ -12,18 +18,37 @@
 //! `/proc/<init>/root/run/systemd/private` (host mount namespace, host /proc) and prints
 //! its result as JSON.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use usernsguard_runtime::install::systemd::{ServiceManager, SystemdBus, SystemdError, UnitState};
+use usernsguard_runtime::cri::client::CriClient;
+use usernsguard_runtime::host::HostRoot;
+use usernsguard_runtime::install::binary::check_runnable;
+use usernsguard_runtime::install::systemd::{
+    RestartOutcome, ServiceManager, SystemdBus, SystemdError, UnitState,
+};
+use usernsguard_runtime::install::{
+    BinarySource, InstallError, InstallRequest, Installer, Outcome, RestartMode, RestartReport, Timeouts,
+    UninstallRequest,
+};
 use usernsguard_runtime::process;
 
 /// Set (to the operation) only in the re-executed child.
 const CHILD_OP: &str = "USERNSGUARD_NSPAWN_CHILD_OP";
 const CHILD_SOCKET: &str = "USERNSGUARD_NSPAWN_CHILD_SOCKET";
+/// The container's root as this process sees it (`/proc/<init>/root`): the installer's host.
+const CHILD_ROOT: &str = "USERNSGUARD_NSPAWN_CHILD_ROOT";
+/// The runtime binary the installing child places.
+const CHILD_BINARY: &str = "USERNSGUARD_NSPAWN_CHILD_BINARY";
+const HANDLER: &str = "runc-1-4-3";
+/// Where the installer puts the binary by default, relative to the container's root.
+const INSTALLED: &str = "usr/local/lib/usernsguard/runc-1-4-3/runc-1.4.3";
+const CONFIG: &str = "/etc/containerd/config.toml";
 const RESULT_PREFIX: &str = "NSPAWN-CHILD-RESULT ";
 const CONTAINERD: &str = "containerd.service";
 /// Debian's unit restarts containerd 5 s after a failed start; a failure must be known
@@ -86,8 +111,23 @@ impl Container {
         cmd.args(["-t", &self.init.to_string(), "-p", "--"])
             .arg(me)
             .env(CHILD_OP, op)
-            .env(CHILD_SOCKET, self.socket());
+            .env(CHILD_SOCKET, self.socket())
+            .env(CHILD_ROOT, self.root());
         cmd
+    }
+
+    /// A file of the container, by its path there.
+    fn file(&self, path: &str) -> PathBuf {
+        self.root().join(path.trim_start_matches('/'))
+    }
+
+    /// The container's containerd over CRI (its socket, reached through its root).
+    fn cri(&self) -> CriClient {
+        CriClient::connect(
+            &self.file("/run/containerd/containerd.sock"),
+            Duration::from_secs(10),
+        )
+        .expect("the container's containerd answers over CRI")
     }
 
     /// systemctl of the container itself, run in all its namespaces.
@@ -163,6 +203,9 @@ fn main() {
         Err(_) => {
             restart_containerd_through_the_private_socket();
             println!("test restart_containerd_through_the_private_socket ... ok");
+            install_through_the_containers_systemd();
+            println!("test install_through_the_containers_systemd ... ok");
+            println!("test result: ok. 2 passed; 0 failed");
         }
     }
 }
@@ -174,6 +217,12 @@ fn child(op: &str) {
     let mut bus = SystemdBus::new(socket);
     let started = Instant::now();
     let (verb, unit) = op.split_once(' ').unwrap_or((op, ""));
+    if matches!(verb, "install" | "uninstall") {
+        let mut out = install_child(verb);
+        out["elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
+        println!("{RESULT_PREFIX}{out}");
+        return;
+    }
     let result = match verb {
         "reload" => bus.daemon_reload().map(|()| json!({})),
         "state" => bus.unit_state(unit).map(|s| json!({ "state": state_json(&s) })),
@@ -195,6 +244,91 @@ fn child(op: &str) {
     out["elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
     out["my_pid"] = json!(std::process::id());
     println!("{RESULT_PREFIX}{out}");
+}
+
+fn restart_json(o: &RestartOutcome) -> Json {
+    json!({
+        "job": o.job,
+        "job_result": o.job_result.as_str(),
+        "succeeded": o.succeeded(),
+        "before": state_json(&o.before),
+        "after": state_json(&o.after),
+        "summary": o.to_string(),
+    })
+}
+
+fn outcome_json(o: &Outcome) -> Json {
+    json!({
+        "unchanged": o.unchanged(),
+        "changed": o.changed,
+        "binary": o.binary,
+        "binary_version": o.binary_version,
+        "restart": match &o.restart {
+            RestartReport::NotNeeded => json!("not_needed"),
+            RestartReport::Operator { units } => json!({ "operator": units }),
+            RestartReport::Restarted(r) => restart_json(r),
+        },
+        "live": o.live.as_ref().map(|l| json!({
+            "listed": l.listed,
+            "configured": l.configured,
+            "runtime": l.runtime,
+            "summary": l.to_string(),
+        })),
+        "notes": o.notes,
+    })
+}
+
+fn install_error_json(e: &InstallError) -> Json {
+    let rollback_restart = match e {
+        InstallError::RolledBack { restart: Some(r), .. } => restart_json(r),
+        _ => Json::Null,
+    };
+    json!({
+        "install_error": {
+            "class": format!("{:?}", e.class()),
+            "label": e.label(),
+            "message": e.to_string(),
+            "rollback_restart": rollback_restart,
+        }
+    })
+}
+
+/// The installing child: `Installer` on the container's root, restarting its containerd
+/// through its systemd, as `usernsguard install --host-root /proc/<init>/root` would.
+fn install_child(verb: &str) -> Json {
+    let root = std::env::var(CHILD_ROOT).expect("root path");
+    let host = HostRoot::at(&root).expect("the container's root as host root");
+    assert!(!host.is_own(), "{root} taken for this process's own root");
+    let mut bus = SystemdBus::for_host_root(host.root());
+    let restart = RestartMode::Systemd { unit: None };
+    let mut installer = Installer::new(host)
+        .with_service_manager(&mut bus)
+        .with_timeouts(Timeouts {
+            restart: Duration::from_secs(120),
+            cri: Duration::from_secs(30),
+            version: Duration::from_secs(10),
+        });
+    let result = match verb {
+        "install" => installer.install(&InstallRequest {
+            handler: HANDLER.into(),
+            binary: BinarySource::Local(PathBuf::from(std::env::var(CHILD_BINARY).expect("binary"))),
+            install_path: None,
+            sha256: None,
+            cri_config: PathBuf::from(CONFIG),
+            restart,
+            cri_socket: None,
+        }),
+        _ => installer.uninstall(&UninstallRequest {
+            handler: HANDLER.into(),
+            cri_config: PathBuf::from(CONFIG),
+            restart,
+            cri_socket: None,
+        }),
+    };
+    match result {
+        Ok(o) => json!({ "outcome": outcome_json(&o) }),
+        Err(e) => install_error_json(&e),
+    }
 }
 
 fn ms(t: Instant) -> u128 {
@@ -354,4 +488,233 @@ fn restart_containerd_through_the_private_socket() {
         "processes left behind: {}",
         String::from_utf8_lossy(&procs.stdout)
     );
+}
+
+/// Every file under the container's `dir`, with its bytes (empty when `dir` is missing).
+fn tree(ct: &Container, dir: &str) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(d: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(p.clone(), Vec::new());
+                walk(&p, out);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(&ct.file(dir), &mut out);
+    out
+}
+
+/// What the installer may touch in the container: containerd's config, the install path,
+/// its records.
+fn installer_files(ct: &Container) -> Vec<std::collections::BTreeMap<PathBuf, Vec<u8>>> {
+    [
+        "/etc/containerd",
+        "/usr/local/lib/usernsguard",
+        "/var/lib/usernsguard",
+    ]
+    .iter()
+    .map(|d| tree(ct, d))
+    .collect()
+}
+
+/// `ActiveEnterTimestampMonotonic` of containerd as the container's own systemctl shows it.
+fn active_since(ct: &Container) -> u64 {
+    ct.systemctl(&["show", "-P", "ActiveEnterTimestampMonotonic", CONTAINERD])
+        .parse()
+        .expect("a timestamp")
+}
+
+/// The handler's `BinaryName` in the container's containerd's effective config (1.6 lists
+/// no handlers in `Status`).
+fn registered_binary(ct: &Container) -> Option<String> {
+    let (_, config) = ct.cri().status_verbose().unwrap();
+    config.expect("Status(verbose) carries the config")["containerd"]["runtimes"][HANDLER]["options"]
+        ["BinaryName"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+impl Container {
+    fn install_op(&self, verb: &str) -> Json {
+        let mut cmd = self.child_command(verb);
+        cmd.env(CHILD_BINARY, common::containerd::shared_runtime("runc-1.4.3"));
+        let out = cmd.output().expect("run nsenter");
+        parse_child(verb, out.status.success(), &out.stdout, &out.stderr)
+    }
+}
+
+/// The installer with the container as its host (`HostRoot::at("/proc/<init>/root")`, in
+/// another mount namespace) and the container's systemd as its service manager, run in the
+/// container's PID namespace: install, install again, uninstall, and an install whose
+/// change the unit refuses to start with, rolled back.
+fn install_through_the_containers_systemd() {
+    let t0 = Instant::now();
+    let ct = Container::boot(&format!("ung-inst-{}", std::process::id()));
+    eprintln!("[{} ms] booted, container init is host pid {}", ms(t0), ct.init);
+
+    // Host programs run inside the container's root, though its mounts are in another
+    // mount namespace: a program only the container has, and its view of /etc.
+    let host = HostRoot::at(ct.root()).unwrap();
+    assert!(
+        !host.is_own(),
+        "/proc/<init>/root is not this process's root: {host:?}"
+    );
+    assert_eq!(host.root(), ct.root());
+    let probe = ct.file("/usr/local/bin/ug-where");
+    std::fs::write(
+        &probe,
+        "#!/bin/sh\necho \"$(cat /etc/hostname) $(readlink /proc/self/ns/mnt)\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&probe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let seen = check_runnable(
+        &host,
+        Path::new("/usr/local/bin/ug-where"),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("--version inside the container's root: {e}"));
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert!(
+        seen.starts_with("usernsguard-ct "),
+        "not run in the container's root: {seen}"
+    );
+    assert_ne!(
+        seen.split(' ').nth(1),
+        ours.to_str(),
+        "a private mount namespace, not ours"
+    );
+    std::fs::remove_file(&probe).unwrap();
+
+    let pristine = installer_files(&ct);
+    let config = std::fs::read(ct.file(CONFIG)).unwrap();
+    assert_eq!(registered_binary(&ct), None);
+    let since0 = active_since(&ct);
+
+    // 1. Install: one restart through the container's systemd, its job waited for; the new
+    //    ActiveEnterTimestamp reported (as systemctl shows it); the handler live.
+    let t = Instant::now();
+    let first = ct.install_op("install");
+    eprintln!("[{} ms] install ({} ms): {first}", ms(t0), ms(t));
+    let o = &first["outcome"];
+    assert!(o.is_object(), "install failed: {first}");
+    assert_eq!(o["changed"], json!([CONFIG]), "{o}");
+    assert_eq!(o["binary"], json!(format!("placed /{INSTALLED}")), "{o}");
+    assert!(
+        o["binary_version"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("runc version 1.4.3"),
+        "the binary ran inside the container's root: {o}"
+    );
+    let r = &o["restart"];
+    assert_eq!(r["job_result"], "done", "{r}");
+    assert_eq!(r["succeeded"], true, "{r}");
+    let mono = |r: &Json, when: &str| r[when]["active_enter_timestamp_monotonic_us"].as_u64().unwrap();
+    let real = |r: &Json, when: &str| r[when]["active_enter_timestamp_us"].as_u64().unwrap();
+    assert_eq!(mono(r, "before"), since0, "{r}");
+    assert!(
+        mono(r, "after") > mono(r, "before") && real(r, "after") > real(r, "before"),
+        "{r}"
+    );
+    assert_eq!(
+        mono(r, "after"),
+        active_since(&ct),
+        "the reported timestamp is the unit's"
+    );
+    assert_ne!(r["after"]["main_pid"], r["before"]["main_pid"], "{r}");
+    assert_eq!(o["live"]["configured"], true, "{o}");
+    assert!(
+        o["live"]["runtime"]
+            .as_str()
+            .unwrap()
+            .starts_with("containerd 1.6"),
+        "{o}"
+    );
+    assert!(ct.file(INSTALLED).exists());
+    assert_eq!(registered_binary(&ct).as_deref(), Some(&*format!("/{INSTALLED}")));
+
+    // 2. Again: nothing to do, no restart.
+    let since1 = active_since(&ct);
+    let installed = installer_files(&ct);
+    let again = ct.install_op("install");
+    eprintln!("[{} ms] install again: {again}", ms(t0));
+    assert_eq!(again["outcome"]["unchanged"], true, "{again}");
+    assert_eq!(again["outcome"]["restart"], "not_needed", "{again}");
+    assert_eq!(active_since(&ct), since1, "containerd was not restarted");
+    assert!(installer_files(&ct) == installed, "a file changed");
+
+    // 3. Uninstall: one more restart, every file as it was before the install.
+    let gone = ct.install_op("uninstall");
+    eprintln!("[{} ms] uninstall: {gone}", ms(t0));
+    let r = &gone["outcome"]["restart"];
+    assert_eq!(r["succeeded"], true, "{gone}");
+    assert!(mono(r, "after") > since1, "{r}");
+    assert_eq!(gone["outcome"]["live"]["configured"], false, "{gone}");
+    assert!(
+        std::fs::read(ct.file(CONFIG)).unwrap() == config,
+        "config not byte-identical"
+    );
+    assert!(installer_files(&ct) == pristine, "not every file restored");
+    assert_eq!(registered_binary(&ct), None);
+
+    // 4. A unit that does not start with the installer's change: a site policy run before
+    //    containerd starts refuses a config that registers usernsguard's handler. The
+    //    install's restart fails, the installer restores every file and restarts again.
+    let policy = ct.file("/etc/systemd/system/containerd.service.d/50-config-policy.conf");
+    std::fs::create_dir_all(policy.parent().unwrap()).unwrap();
+    std::fs::write(
+        &policy,
+        "[Service]\nExecStartPre=/bin/sh -c '! grep -q usernsguard /etc/containerd/config.toml || \
+         { echo \"site policy: no usernsguard handlers\" >&2; exit 1; }'\n",
+    )
+    .unwrap();
+    ct.systemctl(&["daemon-reload"]);
+    assert_eq!(ct.systemctl(&["is-active", CONTAINERD]), "active");
+    let since2 = active_since(&ct);
+    let t = Instant::now();
+    let refused = ct.install_op("install");
+    eprintln!(
+        "[{} ms] install under the policy ({} ms): {refused}",
+        ms(t0),
+        ms(t)
+    );
+    let e = &refused["install_error"];
+    assert_eq!(e["class"], "RolledBack", "{refused}");
+    assert_eq!(e["label"], "restart_failed", "{refused}");
+    assert!(
+        e["message"].as_str().unwrap().contains("job failed"),
+        "the failed start job is named: {e}"
+    );
+    let back = &e["rollback_restart"];
+    assert_eq!(back["succeeded"], true, "restarted on the restored config: {e}");
+    assert!(mono(back, "after") > since2, "{back}");
+    assert!(
+        std::fs::read(ct.file(CONFIG)).unwrap() == config,
+        "config not byte-identical"
+    );
+    assert!(installer_files(&ct) == pristine, "not every file restored");
+    assert_eq!(ct.systemctl(&["is-active", CONTAINERD]), "active");
+    assert_eq!(registered_binary(&ct), None, "containerd serves the old config");
+    let journal = Command::new("nsenter")
+        .args([
+            "-t",
+            &ct.init.to_string(),
+            "-a",
+            "journalctl",
+            "-u",
+            CONTAINERD,
+            "--no-pager",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&journal.stdout).contains("site policy: no usernsguard handlers"),
+        "the policy refused the start:\n{}",
+        String::from_utf8_lossy(&journal.stdout)
+    );
+    eprintln!("[{} ms] rolled back, containerd active on the old config", ms(t0));
 }

@@ -15,6 +15,7 @@ use usernsguard_runtime::host::HostRoot;
 use usernsguard_runtime::report::{Check, HandlerReport, SelfTestReport};
 use usernsguard_runtime::selftest::{self, CriSetup, SelfTestConfig};
 
+use super::handlers::{HandlerSet, NodeHandlers};
 use super::runner::{RunRequest, SelfTestRunner};
 use crate::payload::image_command;
 
@@ -30,6 +31,9 @@ pub struct EngineRunner {
     pub cri_socket: Option<PathBuf>,
     /// The agent's own image, on the node, for `cri-pod`.
     pub probe_image: Option<String>,
+    /// Where each run publishes the handlers it found in the node's CRI configuration (the
+    /// failure watches' series follow them).
+    pub node_handlers: Option<NodeHandlers>,
 }
 
 impl EngineRunner {
@@ -43,6 +47,7 @@ impl EngineRunner {
             host,
             cri_socket: None,
             probe_image: None,
+            node_handlers: None,
         })
     }
 
@@ -88,6 +93,9 @@ impl SelfTestRunner for EngineRunner {
         };
         let (config, handlers, missing, problem) = match self.cri_config() {
             Ok(config) => {
+                if let Some(node_handlers) = &self.node_handlers {
+                    node_handlers.publish(HandlerSet::from_config(&config));
+                }
                 let (handlers, missing) = select(config.resolve(&self.host), &req.handlers);
                 (Some(config), handlers, missing, None)
             }
@@ -192,6 +200,7 @@ mod tests {
             host: HostRoot::at(host).unwrap(),
             cri_socket: None,
             probe_image: None,
+            node_handlers: None,
         }
     }
 
@@ -235,6 +244,29 @@ mod tests {
             "{}",
             kata.checks[0].message
         );
+    }
+
+    /// Every run publishes the handlers it read (the failure watches' series follow them),
+    /// even a run that probes nothing.
+    #[test]
+    fn a_run_publishes_the_nodes_handlers_and_default() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("etc/containerd")).unwrap();
+        std::fs::write(
+            host.path().join("etc/containerd/config.toml"),
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"crun\"\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.crun]\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n",
+        )
+        .unwrap();
+        let handlers = NodeHandlers::new();
+        let mut engine = runner(host.path(), "/run/usernsguard-engine-test");
+        engine.node_handlers = Some(handlers.clone());
+        let req = RunRequest {
+            handlers: vec!["kata".into()],
+            checks: vec![],
+            timeout: Duration::from_secs(5),
+        };
+        engine.run(&req);
+        assert_eq!(handlers.current(), Some(HandlerSet::of(["runc", "crun"], "crun")));
     }
 
     #[test]

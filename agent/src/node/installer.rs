@@ -41,7 +41,11 @@ pub trait Installer: Send + Sync + 'static {
     /// The binary a profile installs, as the host installer takes it: a `Bundled` runtime
     /// from the agent's image, a `Url` one downloaded onto the node (cached by sha256), a
     /// `Host` one where it is.
-    fn source(&self, runtime: OciRuntime, binary: &ProfileBinary) -> Result<install::BinarySource, SourceError>;
+    fn source(
+        &self,
+        runtime: OciRuntime,
+        binary: &ProfileBinary,
+    ) -> Result<install::BinarySource, SourceError>;
     /// The CRI runtime's main config on this node (a host path) when the profile names none.
     fn find_cri_config(&self, runtime: CriRuntime) -> Result<PathBuf, String>;
     fn plan_install(&self, req: &InstallRequest) -> Result<Planned, InstallError>;
@@ -93,7 +97,11 @@ impl HostInstaller {
 }
 
 impl Installer for HostInstaller {
-    fn source(&self, runtime: OciRuntime, binary: &ProfileBinary) -> Result<install::BinarySource, SourceError> {
+    fn source(
+        &self,
+        runtime: OciRuntime,
+        binary: &ProfileBinary,
+    ) -> Result<install::BinarySource, SourceError> {
         match binary.source {
             BinarySourceKind::Host => Ok(install::BinarySource::Host(PathBuf::from(&binary.path))),
             BinarySourceKind::Bundled => {

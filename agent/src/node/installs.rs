@@ -38,8 +38,8 @@ use usernsguard_runtime::install::{
     ErrorClass, Failure, InstallError, InstallRequest, Outcome, RestartMode, RestartReport, UninstallRequest,
 };
 
+use super::error::{bounded, AgentError};
 use super::installer::{Installer, Planned};
-use super::reconciler::AgentError;
 use super::restart_budget::{Acquired, RestartBudget, Slot};
 use crate::crd::names::{self, AGENT_FIELD_MANAGER, RUNTIME_LABEL_PREFIX};
 use crate::crd::{
@@ -224,7 +224,10 @@ impl Installs {
             }
         }
         for (name, winner) in &conflicts {
-            let p = profiles.iter().find(|p| p.name_any() == *name).expect("from profiles");
+            let p = profiles
+                .iter()
+                .find(|p| p.name_any() == *name)
+                .expect("from profiles");
             let attempt = Attempt::failed(
                 HANDLER_CONFLICT,
                 format!(
@@ -265,12 +268,14 @@ impl Installs {
             .map(|s| s.installs)
             .unwrap_or_default()
         {
-            self.entries.entry(status.runtime_profile.clone()).or_insert(Entry {
-                status,
-                next_attempt: Some(Instant::now()),
-                failures: 0,
-                removing: false,
-            });
+            self.entries
+                .entry(status.runtime_profile.clone())
+                .or_insert(Entry {
+                    status,
+                    next_attempt: Some(Instant::now()),
+                    failures: 0,
+                    removing: false,
+                });
         }
         self.seeded = true;
         Ok(())
@@ -287,7 +292,11 @@ impl Installs {
     }
 
     /// Brings the profile's install to its spec. Returns the handler when it was (re)installed.
-    async fn ensure(&mut self, p: &RuntimeProfile, node: &PartialObjectMeta<Node>) -> Result<Option<String>, AgentError> {
+    async fn ensure(
+        &mut self,
+        p: &RuntimeProfile,
+        node: &PartialObjectMeta<Node>,
+    ) -> Result<Option<String>, AgentError> {
         let installer = self.installer.clone();
         let cri_socket = self.cfg.cri_socket.clone();
         let profile = p.clone();
@@ -431,7 +440,11 @@ impl Installs {
         .await?;
         let (req, planned) = match prepared {
             Ok(x) => x,
-            Err(message) => return self.uninstall_failed(name, "uninstall_failed", message, node).await,
+            Err(message) => {
+                return self
+                    .uninstall_failed(name, "uninstall_failed", message, node)
+                    .await
+            }
         };
         if planned.noop {
             self.forget(name, None, node).await;
@@ -502,8 +515,14 @@ impl Installs {
             m.set_install_state(&handler, InstallState::Failed);
         }
         if !was_failed {
-            self.event(node, EventType::Warning, names::EVENT_INSTALL_FAILED, "Uninstall", note)
-                .await;
+            self.event(
+                node,
+                EventType::Warning,
+                names::EVENT_INSTALL_FAILED,
+                "Uninstall",
+                note,
+            )
+            .await;
         }
         Ok(())
     }
@@ -524,14 +543,24 @@ impl Installs {
                 "runtime handler {handler} (RuntimeProfile {name}) uninstalled{}",
                 restart_note(&o.restart)
             );
-            self.event(node, EventType::Normal, names::EVENT_UNINSTALLED, "Uninstall", note)
-                .await;
+            self.event(
+                node,
+                EventType::Normal,
+                names::EVENT_UNINSTALLED,
+                "Uninstall",
+                note,
+            )
+            .await;
         }
     }
 
     /// A restart-budget slot when the plan restarts the CRI runtime through systemd;
     /// `Ok(None)` when it needs none; `Err` (a pending attempt) when every slot is taken.
-    async fn slot(&self, p: &RuntimeProfile, planned: &Planned) -> Result<Result<Option<Slot>, Attempt>, AgentError> {
+    async fn slot(
+        &self,
+        p: &RuntimeProfile,
+        planned: &Planned,
+    ) -> Result<Result<Option<Slot>, Attempt>, AgentError> {
         if !planned.restart_needed || p.spec.cri.restart == RestartPolicy::None {
             return Ok(Ok(None));
         }
@@ -583,7 +612,9 @@ impl Installs {
         let name = p.name_any();
         let generation = p.meta().generation.unwrap_or(0);
         let previous = self.entries.get(&name).cloned();
-        let same_generation = previous.as_ref().is_some_and(|e| e.status.generation == generation);
+        let same_generation = previous
+            .as_ref()
+            .is_some_and(|e| e.status.generation == generation);
         let failures = match (&previous, attempt.failed) {
             (Some(e), true) if same_generation => e.failures + 1,
             (_, true) => 1,
@@ -607,7 +638,11 @@ impl Installs {
                 _ => Some(Time(Timestamp::now())),
             },
         };
-        if let Some(m) = self.metrics.as_ref().filter(|_| attempt.reason != Some(HANDLER_CONFLICT)) {
+        if let Some(m) = self
+            .metrics
+            .as_ref()
+            .filter(|_| attempt.reason != Some(HANDLER_CONFLICT))
+        {
             m.set_install_state(&p.spec.handler, attempt.state);
         }
         let announce = attempt.failed
@@ -628,10 +663,19 @@ impl Installs {
                 "runtime handler {} (RuntimeProfile {name}) failed to install: {}",
                 p.spec.handler, attempt.message
             );
-            self.event(node, EventType::Warning, names::EVENT_INSTALL_FAILED, "Install", note)
-                .await;
+            self.event(
+                node,
+                EventType::Warning,
+                names::EVENT_INSTALL_FAILED,
+                "Install",
+                note,
+            )
+            .await;
         } else if attempt.state == InstallState::Installed && attempt.changed_host {
-            let note = format!("runtime handler {} (RuntimeProfile {name}): {}", p.spec.handler, attempt.message);
+            let note = format!(
+                "runtime handler {} (RuntimeProfile {name}): {}",
+                p.spec.handler, attempt.message
+            );
             self.event(node, EventType::Normal, names::EVENT_INSTALLED, "Install", note)
                 .await;
         }
@@ -644,7 +688,12 @@ impl Installs {
 
     /// A restart the installer made: a success when the unit came back with the handler; a
     /// failure when it did not (the rollback's own restart is part of the same failure).
-    fn count_restart_runtime(&self, runtime: CriRuntime, report: &RestartReport, error: Option<&InstallError>) {
+    fn count_restart_runtime(
+        &self,
+        runtime: CriRuntime,
+        report: &RestartReport,
+        error: Option<&InstallError>,
+    ) {
         let Some(m) = &self.metrics else { return };
         let runtime = match runtime {
             CriRuntime::Containerd => "containerd",
@@ -696,12 +745,21 @@ impl Installs {
 
     /// JSON merge patch of the node's `usernsguard.io/runtime.*` labels: one per handler,
     /// stale ones removed.
-    async fn publish_labels(&self, node: &PartialObjectMeta<Node>, write_timeout: Duration) -> Result<(), AgentError> {
+    async fn publish_labels(
+        &self,
+        node: &PartialObjectMeta<Node>,
+        write_timeout: Duration,
+    ) -> Result<(), AgentError> {
         let desired: BTreeMap<String, String> = self
             .entries
             .values()
             .filter(|e| e.status.reason.as_deref() != Some(HANDLER_CONFLICT))
-            .map(|e| (names::runtime_label(&e.status.handler), e.status.state.as_str().to_owned()))
+            .map(|e| {
+                (
+                    names::runtime_label(&e.status.handler),
+                    e.status.state.as_str().to_owned(),
+                )
+            })
             .collect();
         let Some(patch) = super::labels::merge_patch(node.labels(), RUNTIME_LABEL_PREFIX, &desired) else {
             return Ok(());
@@ -752,10 +810,7 @@ fn wanted<'a>(
 
 fn selects(p: &RuntimeProfile, node: &PartialObjectMeta<Node>) -> bool {
     let labels = node.labels();
-    p.spec
-        .node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
+    p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The host installer's request for a profile (downloads a `Url` binary first).
@@ -776,7 +831,8 @@ fn request(
     Ok(InstallRequest {
         handler: p.spec.handler.clone(),
         binary,
-        install_path: (p.spec.binary.source != BinarySourceKind::Host).then(|| PathBuf::from(&p.spec.binary.path)),
+        install_path: (p.spec.binary.source != BinarySourceKind::Host)
+            .then(|| PathBuf::from(&p.spec.binary.path)),
         sha256: p.spec.binary.sha256.clone(),
         cri_config,
         restart: restart_mode(&p.spec.cri),
@@ -786,7 +842,9 @@ fn request(
 
 fn restart_mode(cri: &CriTarget) -> RestartMode {
     match cri.restart {
-        RestartPolicy::Systemd => RestartMode::Systemd { unit: cri.unit.clone() },
+        RestartPolicy::Systemd => RestartMode::Systemd {
+            unit: cri.unit.clone(),
+        },
         RestartPolicy::None => RestartMode::None,
     }
 }
@@ -835,7 +893,8 @@ fn restart_note(r: &RestartReport) -> String {
 /// 1, 2, 4, ... minutes up to 30.
 fn backoff_for(failures: u32) -> Duration {
     let (min, max) = BAD_INPUT_RETRY;
-    min.saturating_mul(1 << failures.saturating_sub(1).min(10)).min(max)
+    min.saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(max)
 }
 
 fn truncate(note: &mut String, max: usize) {
@@ -852,18 +911,7 @@ fn truncate(note: &mut String, max: usize) {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| AgentError::Runner(format!("installer: {e}")))
-}
-
-async fn bounded<T>(
-    limit: Duration,
-    what: &'static str,
-    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, AgentError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(AgentError::Timeout(limit, what)),
-    }
+        .map_err(|e| AgentError::Installer(e.to_string()))
 }
 
 #[cfg(test)]

@@ -8,9 +8,16 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 /// The patch that makes the labels under `prefix` equal `desired`; None when they are.
-pub fn merge_patch(current: &BTreeMap<String, String>, prefix: &str, desired: &BTreeMap<String, String>) -> Option<Value> {
+pub fn merge_patch(
+    current: &BTreeMap<String, String>,
+    prefix: &str,
+    desired: &BTreeMap<String, String>,
+) -> Option<Value> {
     let mut labels = serde_json::Map::new();
-    for k in current.keys().filter(|k| k.starts_with(prefix) && !desired.contains_key(*k)) {
+    for k in current
+        .keys()
+        .filter(|k| k.starts_with(prefix) && !desired.contains_key(*k))
+    {
         labels.insert(k.clone(), Value::Null);
     }
     for (k, v) in desired {
@@ -50,7 +57,10 @@ mod tests {
                 "usernsguard.io/runtime.runc-1-2": "failed",
             }}})
         );
-        let current = map([("usernsguard.io/runtime.crun", "installed"), ("usernsguard.io/userns.x", "fail")]);
+        let current = map([
+            ("usernsguard.io/runtime.crun", "installed"),
+            ("usernsguard.io/userns.x", "fail"),
+        ]);
         let desired = map([("usernsguard.io/runtime.crun", "installed")]);
         assert_eq!(merge_patch(&current, "usernsguard.io/runtime.", &desired), None);
     }

@@ -13,6 +13,11 @@
 //!
 //! When the API server is unreachable the agent keeps its results in memory and retries with
 //! backoff; nothing is re-run to re-publish, and nothing is lost.
+//!
+//! A deleted NodeReport (by hand, or by the garbage collector when the Node object was
+//! re-registered with a new UID) is recreated at once: a third watch, on the metadata of this
+//! one NodeReport, says when it is gone, and a status write answered `404 Not Found` re-applies
+//! the object (spec, owner) and then the status in the same sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -32,6 +37,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use usernsguard_runtime::report::{HandlerReport, SelfTestReport, Verdict};
 
+use super::error::bounded;
+pub use super::error::AgentError;
 use super::installs::Installs;
 use super::runner::{RunRequest, SelfTestRunner};
 use crate::crd::names::{self, AGENT_FIELD_MANAGER, USERNS_LABEL_PREFIX};
@@ -40,28 +47,6 @@ use crate::crd::{
     RuntimeProfile, SelfTest, SelfTestProblem, SelfTestResult,
 };
 use crate::metrics::Metrics;
-
-/// Why one sync did not finish; the loop retries with backoff and keeps its results.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("API request timed out after {0:?}: {1}")]
-    Timeout(Duration, &'static str),
-    #[error("self-test runner panicked: {0}")]
-    Runner(String),
-}
-
-impl AgentError {
-    /// Bounded label for a failure counter.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            AgentError::Kube(_) => "kube",
-            AgentError::Timeout(..) => "timeout",
-            AgentError::Runner(_) => "runner",
-        }
-    }
-}
 
 /// Static settings of one agent.
 #[derive(Debug, Clone)]
@@ -101,8 +86,9 @@ pub struct Agent {
     runs: BTreeMap<String, Run>,
     /// Normalized status of the last successful NodeReport write.
     published: Option<Value>,
-    /// Whether this process already applied the NodeReport object (spec, owner).
-    report_applied: bool,
+    /// The owner (Node UID) with which this process last applied the NodeReport object
+    /// (spec, owner); None: to be applied (first sync, or the report was deleted).
+    report_owner: Option<String>,
     /// (SelfTest, handler) pairs whose failure has been announced by an Event.
     announced: BTreeSet<(String, String)>,
     /// Where each run's results go as `usernsguard_selftest_*` series.
@@ -137,7 +123,7 @@ impl Agent {
             recorder,
             runs: BTreeMap::new(),
             published: None,
-            report_applied: false,
+            report_owner: None,
             announced: BTreeSet::new(),
             metrics: None,
             installs: None,
@@ -365,7 +351,8 @@ impl Agent {
     }
 
     /// Server-side apply of the NodeReport: the object (spec, owner = the Node) once per
-    /// process, the status whenever its content changed.
+    /// process and owner, the status whenever its content changed. A status write answered
+    /// 404 (the report was deleted) re-applies the object, then the status.
     async fn publish_report(
         &mut self,
         selected: &[&SelfTest],
@@ -373,41 +360,68 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let status = self.desired_status(selected);
         let normalized = normalize(&status);
-        if self.published.as_ref() == Some(&normalized) {
+        let owner = node.uid().unwrap_or_default();
+        if self.published.as_ref() == Some(&normalized) && self.report_owner.as_ref() == Some(&owner) {
             return Ok(());
         }
-        let api: Api<NodeReport> = Api::all(self.client.clone());
-        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
-        let name = self.cfg.node_name.clone();
-        if !self.report_applied {
-            let owner = OwnerReference {
-                api_version: "v1".into(),
-                kind: "Node".into(),
-                name: name.clone(),
-                uid: node.uid().unwrap_or_default(),
-                ..OwnerReference::default()
-            };
-            let obj = json!({
-                "apiVersion": names::API_VERSION, "kind": "NodeReport",
-                "metadata": {"name": name, "ownerReferences": [owner]},
-                "spec": {"nodeName": name},
-            });
-            self.bounded("NodeReport apply", api.patch(&name, &pp, &Patch::Apply(&obj)))
-                .await?;
-            self.report_applied = true;
+        if self.report_owner.as_ref() != Some(&owner) {
+            self.apply_report_object(&owner).await?;
         }
         let body = json!({
             "apiVersion": names::API_VERSION, "kind": "NodeReport",
-            "metadata": {"name": name},
+            "metadata": {"name": self.cfg.node_name},
             "status": status,
         });
-        self.bounded(
-            "NodeReport status apply",
-            api.patch_status(&name, &pp, &Patch::Apply(&body)),
-        )
-        .await?;
+        match self.apply_report_status(&body).await {
+            Err(AgentError::Kube(kube::Error::Api(e))) if e.code == 404 => {
+                tracing::warn!(node = %self.cfg.node_name, "NodeReport not found: recreating it");
+                self.report_owner = None;
+                self.apply_report_object(&owner).await?;
+                self.apply_report_status(&body).await?;
+            }
+            other => other?,
+        }
         self.published = Some(normalized);
         Ok(())
+    }
+
+    async fn apply_report_object(&mut self, owner_uid: &str) -> Result<(), AgentError> {
+        let api: Api<NodeReport> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
+        let name = self.cfg.node_name.clone();
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: name.clone(),
+            uid: owner_uid.to_owned(),
+            ..OwnerReference::default()
+        };
+        let obj = json!({
+            "apiVersion": names::API_VERSION, "kind": "NodeReport",
+            "metadata": {"name": name, "ownerReferences": [owner]},
+            "spec": {"nodeName": name},
+        });
+        self.bounded("NodeReport apply", api.patch(&name, &pp, &Patch::Apply(&obj)))
+            .await?;
+        self.report_owner = Some(owner_uid.to_owned());
+        Ok(())
+    }
+
+    async fn apply_report_status(&self, body: &Value) -> Result<(), AgentError> {
+        let api: Api<NodeReport> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(AGENT_FIELD_MANAGER).force();
+        self.bounded(
+            "NodeReport status apply",
+            api.patch_status(&self.cfg.node_name, &pp, &Patch::Apply(body)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The NodeReport was deleted: the next sync writes the object and the whole status again.
+    pub fn report_deleted(&mut self) {
+        self.report_owner = None;
+        self.published = None;
     }
 
     /// One Warning Event on the Node per (SelfTest, handler) that turned `fail`; announced
@@ -451,10 +465,7 @@ impl Agent {
         what: &'static str,
         fut: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, AgentError> {
-        match tokio::time::timeout(self.cfg.write_timeout, fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(AgentError::Timeout(self.cfg.write_timeout, what)),
-        }
+        bounded(self.cfg.write_timeout, what, fut).await
     }
 }
 
@@ -544,7 +555,7 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
     let st_events = watcher(Api::<SelfTest>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(st_writer)
-        .map(|_| ())
+        .map(|_| false)
         .boxed();
     let node_events = watcher(
         Api::<PartialObjectMeta<Node>>::all(client.clone()),
@@ -552,26 +563,41 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
     )
     .default_backoff()
     .reflect(node_writer)
-    .map(|_| ())
+    .map(|_| false)
+    .boxed();
+    let mut presence = ReportPresence::default();
+    let report_events = watcher(
+        Api::<PartialObjectMeta<NodeReport>>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff()
+    .map(move |ev| ev.is_ok_and(|ev| presence.gone_after(&ev)))
     .boxed();
     let installs = agent.installs_runtimes();
     let rtp_events = if installs {
         watcher(Api::<RuntimeProfile>::all(client), watcher::Config::default())
             .default_backoff()
             .reflect(rtp_writer)
-            .map(|_| ())
+            .map(|_| false)
             .boxed()
     } else {
         futures::stream::pending().boxed()
     };
-    let mut changes = futures::stream::select_all([st_events, node_events, rtp_events]);
+    let mut changes = futures::stream::select_all([st_events, node_events, report_events, rtp_events]);
 
     let mut next: Option<Instant> = None;
     let mut backoff = agent.cfg.backoff_min;
     loop {
         let deadline = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 3600));
         tokio::select! {
-            c = changes.next() => if c.is_none() { return },
+            c = changes.next() => match c {
+                None => return,
+                Some(true) => {
+                    tracing::warn!(node = %node_name, "own NodeReport deleted: recreating it");
+                    agent.report_deleted();
+                }
+                Some(false) => {}
+            },
             _ = tokio::time::sleep_until(deadline) => {}
         }
         if !(is_ready(&st_store) && is_ready(&node_store) && (!installs || is_ready(&rtp_store))) {
@@ -593,6 +619,42 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
                 tracing::warn!(error = %e, kind = e.metric_label(), retry_in = ?backoff, "agent sync failed");
                 next = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(agent.cfg.backoff_max);
+            }
+        }
+    }
+}
+
+/// Whether this agent's NodeReport exists, from its metadata watch: says when it went away
+/// (deleted on the watch, or missing from a re-list after having been there).
+#[derive(Debug, Default)]
+struct ReportPresence {
+    present: bool,
+    listed: bool,
+}
+
+impl ReportPresence {
+    fn gone_after(&mut self, ev: &watcher::Event<PartialObjectMeta<NodeReport>>) -> bool {
+        match ev {
+            watcher::Event::Init => {
+                self.listed = false;
+                false
+            }
+            watcher::Event::InitApply(_) => {
+                self.listed = true;
+                false
+            }
+            watcher::Event::InitDone => {
+                let gone = self.present && !self.listed;
+                self.present = self.listed;
+                gone
+            }
+            watcher::Event::Apply(_) => {
+                self.present = true;
+                false
+            }
+            watcher::Event::Delete(_) => {
+                self.present = false;
+                true
             }
         }
     }

@@ -51,7 +51,9 @@ pub struct Slot {
 pub enum Acquired {
     Slot(Slot),
     /// Every slot is held by a live holder: these nodes.
-    Busy { holders: Vec<String> },
+    Busy {
+        holders: Vec<String>,
+    },
 }
 
 impl RestartBudget {
@@ -80,7 +82,11 @@ impl RestartBudget {
         for i in 0..max.max(1) {
             let name = Self::slot_name(profile, i);
             let Some(mut lease) = self.api.get_opt(&name).await? else {
-                match self.api.create(&PostParams::default(), &self.new_lease(&name, now)).await {
+                match self
+                    .api
+                    .create(&PostParams::default(), &self.new_lease(&name, now))
+                    .await
+                {
                     Ok(_) => return Ok(Acquired::Slot(Slot { name })),
                     Err(e) if is_conflict(&e) => continue,
                     Err(e) => return Err(e),
@@ -136,7 +142,13 @@ impl RestartBudget {
         Lease {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                labels: Some([("app.kubernetes.io/managed-by".to_owned(), "usernsguard".to_owned())].into()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "usernsguard".to_owned(),
+                    )]
+                    .into(),
+                ),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -221,7 +233,12 @@ mod tests {
         let task = tokio::spawn(async move { b.acquire("crun", 2, now()).await.unwrap() });
         let seen = server.next().await;
         seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-0"), None);
-        let held = lease("usernsguard-restart-crun-0", Some("n7"), "2026-11-30T11:55:00Z", "10");
+        let held = lease(
+            "usernsguard-restart-crun-0",
+            Some("n7"),
+            "2026-11-30T11:55:00Z",
+            "10",
+        );
         seen.reply(StatusCode::OK, &held);
         let seen = server.next().await;
         seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-1"), None);
@@ -244,7 +261,12 @@ mod tests {
         let (b, mut server) = budget();
         let task = tokio::spawn(async move { b.acquire("crun", 1, now()).await.unwrap() });
         let seen = server.next().await;
-        let stale = lease("usernsguard-restart-crun-0", Some("n7"), "2026-11-30T11:44:59Z", "10");
+        let stale = lease(
+            "usernsguard-restart-crun-0",
+            Some("n7"),
+            "2026-11-30T11:44:59Z",
+            "10",
+        );
         seen.reply(StatusCode::OK, &stale);
         let seen = server.next().await;
         seen.expect(
@@ -266,7 +288,12 @@ mod tests {
         let (b, mut server) = budget();
         let task = tokio::spawn(async move { b.acquire("crun", 1, now()).await.unwrap() });
         let seen = server.next().await;
-        let live = lease("usernsguard-restart-crun-0", Some("n7"), "2026-11-30T11:45:01Z", "10");
+        let live = lease(
+            "usernsguard-restart-crun-0",
+            Some("n7"),
+            "2026-11-30T11:45:01Z",
+            "10",
+        );
         seen.reply(StatusCode::OK, &live);
         assert_eq!(
             task.await.unwrap(),
@@ -293,7 +320,12 @@ mod tests {
         seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-1"), None);
         seen.reply(
             StatusCode::OK,
-            &lease("usernsguard-restart-crun-1", Some("n1"), "2026-11-30T11:59:00Z", "12"),
+            &lease(
+                "usernsguard-restart-crun-1",
+                Some("n1"),
+                "2026-11-30T11:59:00Z",
+                "12",
+            ),
         );
         // Held by this very node (an agent restarted mid-restart): taken back.
         let seen = server.next().await;
@@ -324,7 +356,12 @@ mod tests {
         let seen = server.next().await;
         seen.reply(
             StatusCode::OK,
-            &lease("usernsguard-restart-crun-0", Some("n1"), "2026-11-30T12:00:00Z", "11"),
+            &lease(
+                "usernsguard-restart-crun-0",
+                Some("n1"),
+                "2026-11-30T12:00:00Z",
+                "11",
+            ),
         );
         let seen = server.next().await;
         seen.expect(
@@ -342,7 +379,12 @@ mod tests {
         let seen = server.next().await;
         seen.reply(
             StatusCode::OK,
-            &lease("usernsguard-restart-crun-0", Some("n7"), "2026-11-30T12:20:00Z", "14"),
+            &lease(
+                "usernsguard-restart-crun-0",
+                Some("n7"),
+                "2026-11-30T12:20:00Z",
+                "14",
+            ),
         );
         task.await.unwrap();
         server.assert_quiet(Duration::from_millis(50)).await;

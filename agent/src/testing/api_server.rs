@@ -94,22 +94,28 @@ impl Seen {
 
     /// Answers a watch request with a stream of `events` (JSON lines) that ends after
     /// `open_for` (what the API server does at the watch's `timeoutSeconds`).
-    pub fn watch_stream(mut self, events: Vec<Value>, open_for: Duration) {
+    pub fn watch_stream(self, events: Vec<Value>, open_for: Duration) {
+        self.watch_stream_at(
+            events.into_iter().map(|e| (Duration::ZERO, e)).collect(),
+            open_for,
+        );
+    }
+
+    /// Like [`Seen::watch_stream`], each event sent after its delay (from the previous one).
+    pub fn watch_stream_at(mut self, events: Vec<(Duration, Value)>, open_for: Duration) {
         let send = self.send.take().expect("answered once");
-        let lines: Vec<Bytes> = events
-            .into_iter()
-            .map(|e| {
-                let mut v = serde_json::to_vec(&e).unwrap();
-                v.push(b'\n');
-                Bytes::from(v)
-            })
-            .collect();
-        let stream = futures::stream::iter(lines)
-            .map(|b| Ok::<_, Infallible>(http_body::Frame::data(b)))
-            .chain(futures::stream::once(async move {
-                tokio::time::sleep(open_for).await;
-                Ok::<_, Infallible>(http_body::Frame::data(Bytes::new()))
-            }));
+        let lines = futures::stream::iter(events).then(|(delay, e)| async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut v = serde_json::to_vec(&e).unwrap();
+            v.push(b'\n');
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(v)))
+        });
+        let stream = lines.chain(futures::stream::once(async move {
+            tokio::time::sleep(open_for).await;
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::new()))
+        }));
         let body = StreamBody::new(stream)
             .map_err(|e: Infallible| match e {})
             .boxed_unsync();
@@ -279,30 +285,111 @@ pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"))
 }
 
+/// What [`serve_agent_api`] serves: one SelfTest, the Node, its pods, and how the NodeReport
+/// behaves.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    pub st: crate::crd::SelfTest,
+    pub node: kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Node>,
+    pub pods: Vec<Value>,
+    /// Status codes the first NodeReport writes get.
+    pub write_failures: Vec<StatusCode>,
+    /// When (after the server starts) the NodeReport is deleted: its watch then delivers
+    /// `DELETED`, and a status write 404s until the object is applied again.
+    pub report_deleted_after: Option<Duration>,
+    /// The RuntimeProfiles (for an agent that installs them).
+    pub profiles: Vec<crate::crd::RuntimeProfile>,
+}
+
+impl AgentApi {
+    pub fn new(
+        st: crate::crd::SelfTest,
+        node: kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Node>,
+    ) -> AgentApi {
+        AgentApi {
+            st,
+            node,
+            pods: Vec::new(),
+            write_failures: Vec::new(),
+            report_deleted_after: None,
+            profiles: Vec::new(),
+        }
+    }
+}
+
 /// The agent's side of the API for whole-loop tests: answers lists and watches (kept open
-/// for their `timeoutSeconds`, no events) of SelfTests, the Node `n1`, its pods, failure
-/// events and RuntimeClasses, and NodeReport applies and Events; `write_failures` are the
-/// status codes the first NodeReport writes get. Any other request fails the test.
-pub async fn serve_agent_api(
-    server: ApiServerVerifier,
-    log: RequestLog,
-    st: crate::crd::SelfTest,
-    node: kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Node>,
-    pods: Vec<Value>,
-    mut write_failures: Vec<StatusCode>,
-) {
+/// for their `timeoutSeconds`, no events) of SelfTests, RuntimeProfiles, the Node `n1`, its
+/// NodeReport, its pods, failure events and RuntimeClasses, and NodeReport reads and
+/// applies and Events, as [`AgentApi`] says. Any other request fails the test.
+pub async fn serve_agent_api(server: ApiServerVerifier, log: RequestLog, api: AgentApi) {
     use serde_json::json;
+    let AgentApi {
+        st,
+        node,
+        pods,
+        mut write_failures,
+        report_deleted_after,
+        profiles,
+    } = api;
     write_failures.reverse();
+    let start = tokio::time::Instant::now();
+    let deleted_at = report_deleted_after.map(|d| start + d);
+    let mut last_object_apply: Option<tokio::time::Instant> = None;
+    let mut report_watches = 0;
     server
         .answer_all(log, |seen| {
             let path = seen.path().to_owned();
+            let now = tokio::time::Instant::now();
+            let exists =
+                last_object_apply.is_some_and(|applied| deleted_at.is_none_or(|d| now < d || applied >= d));
             match (seen.method.clone(), path.as_str(), seen.is_watch()) {
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports", true) => {
+                    report_watches += 1;
+                    let secs: u64 = seen.query("timeoutSeconds").unwrap().parse().unwrap();
+                    let pending = deleted_at.filter(|d| *d > now && report_watches == 1);
+                    match pending {
+                        Some(d) => seen.watch_stream_at(
+                            vec![(
+                                d - now,
+                                json!({"type": "DELETED", "object": {
+                                    "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                    "metadata": {"name": "n1", "resourceVersion": "200"}}}),
+                            )],
+                            Duration::from_secs(secs),
+                        ),
+                        None => seen.watch_idle(),
+                    }
+                }
                 (Method::GET, _, true) => seen.watch_idle(),
                 (Method::GET, "/apis/usernsguard.io/v1alpha1/selftests", false) => seen.reply(
                     StatusCode::OK,
                     &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "SelfTestList",
                             "metadata": {"resourceVersion": "100"}, "items": [st]}),
                 ),
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports", false) => {
+                    let items: Vec<Value> = if exists {
+                        vec![
+                            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                    "metadata": {"name": "n1", "resourceVersion": "150"}}),
+                        ]
+                    } else {
+                        vec![]
+                    };
+                    seen.reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                                "metadata": {"resourceVersion": "100"}, "items": items}),
+                    )
+                }
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/runtimeprofiles", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "RuntimeProfileList",
+                            "metadata": {"resourceVersion": "100"}, "items": profiles}),
+                ),
+                // The install reconciler reads back what it installed before (once).
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports/n1", false) => {
+                    seen.fail(StatusCode::NOT_FOUND, "NotFound")
+                }
                 (Method::GET, "/api/v1/nodes", false) => seen.reply(
                     StatusCode::OK,
                     &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
@@ -328,6 +415,14 @@ pub async fn serve_agent_api(
                     if let Some(code) = write_failures.pop() {
                         seen.fail(code, "Injected");
                         return;
+                    }
+                    let is_status = path.ends_with("/status");
+                    if is_status && !exists {
+                        seen.fail(StatusCode::NOT_FOUND, "NotFound");
+                        return;
+                    }
+                    if !is_status {
+                        last_object_apply = Some(now);
                     }
                     let mut stored = seen.body.clone();
                     stored["spec"] = json!({"nodeName": "n1"});

@@ -17,8 +17,8 @@ use usernsguard_runtime::{NodeFacts, Reason, SelinuxFacts, SelinuxMode};
 use super::api_server::{mock_client, ApiServerVerifier};
 use crate::controller::context::Context;
 use crate::crd::{
-    NodeReport, NodeReportSpec, NodeReportStatus, RuntimeProfile, RuntimeProfileSpec, SelfTest,
-    SelfTestResult, SelfTestSpec,
+    InstallState, NodeReport, NodeReportSpec, NodeReportStatus, RuntimeInstallStatus, RuntimeProfile,
+    RuntimeProfileSpec, SelfTest, SelfTestResult, SelfTestSpec,
 };
 
 impl SelfTest {
@@ -144,6 +144,31 @@ impl NodeReport {
         });
         nr
     }
+
+    /// Adds an install entry: `profile`'s handler `crun` at `generation` in `state`
+    /// (`reason` for pending and failed ones).
+    pub fn with_install(
+        mut self,
+        profile: &str,
+        generation: i64,
+        state: InstallState,
+        reason: Option<&str>,
+    ) -> Self {
+        let status = self.status.get_or_insert_with(NodeReportStatus::default);
+        status.installs.push(RuntimeInstallStatus {
+            runtime_profile: profile.into(),
+            generation,
+            handler: "crun".into(),
+            state,
+            reason: reason.map(str::to_owned),
+            version: None,
+            cri_config: Some("/etc/containerd/config.toml".into()),
+            message: String::new(),
+            cri_restarted: false,
+            last_transition_time: None,
+        });
+        self
+    }
 }
 
 impl RuntimeProfile {
@@ -234,6 +259,7 @@ impl Context {
             client,
             reports: store(reports),
             nodes: store(nodes),
+            runtime_classes: store(vec![]),
         };
         (Arc::new(ctx), server)
     }
@@ -241,6 +267,68 @@ impl Context {
 
 pub const MQUEUE_MESSAGE: &str = r#"Failed to create pod sandbox: rpc error: code = Unknown desc = failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: error during container init: error mounting "mqueue" to rootfs at "/dev/mqueue": setxattr /proc/thread-self/fd/7: operation not permitted: unknown"#;
 pub const CNI_MESSAGE: &str = r#"Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup network for sandbox "265b1cc1621af991c09f5e372e0e5bdcfb47c9b53523178c8d0288ce489dad5f": plugin type="calico" failed (add): error getting ClusterInformation: connection is unauthorized: Unauthorized"#;
+
+/// containerd's `StartError` message when runc cannot label `/dev/mqueue` (a container's
+/// task, not the sandbox).
+pub const START_MQUEUE_MESSAGE: &str = r#"failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: error during container init: error mounting "mqueue" to rootfs at "/dev/mqueue": setxattr /proc/thread-self/fd/7: operation not permitted: unknown"#;
+/// containerd's `CreateContainerError` when the snapshotter cannot idmap the rootfs.
+pub const IDMAP_MESSAGE: &str = r#"failed to create containerd container: snapshotter "overlayfs" doesn't support idmap mounts on this host, configure `slow_chown` to allow a slower and expensive fallback"#;
+/// A `CreateContainerConfigError` that has nothing to do with user namespaces.
+pub const CONFIG_MESSAGE: &str = r#"secret "db-credentials" not found"#;
+
+/// One entry of a pod's `status.containerStatuses`.
+#[derive(Clone, Debug)]
+pub struct ContainerFixture {
+    pub name: String,
+    pub restart_count: i32,
+    pub state: Value,
+    pub last_state: Value,
+}
+
+impl ContainerFixture {
+    /// Container `name`, waiting in `ContainerCreating`.
+    pub fn new(name: &str) -> ContainerFixture {
+        ContainerFixture {
+            name: name.into(),
+            restart_count: 0,
+            state: json!({"waiting": {"reason": "ContainerCreating"}}),
+            last_state: json!({}),
+        }
+    }
+    /// `state.waiting` with `reason` and `message`.
+    pub fn waiting(mut self, reason: &str, message: &str) -> Self {
+        self.state = json!({"waiting": {"reason": reason, "message": message}});
+        self
+    }
+    pub fn running(mut self) -> Self {
+        self.state = json!({"running": {"startedAt": "2026-01-01T00:01:00Z"}});
+        self
+    }
+    /// `state.terminated`: instance `id` could not start (containerd's `StartError`).
+    pub fn start_error(mut self, id: &str, message: &str) -> Self {
+        self.state = start_error(id, message);
+        self
+    }
+    /// `lastState.terminated`: instance `id` could not start.
+    pub fn last_start_error(mut self, id: &str, message: &str) -> Self {
+        self.last_state = start_error(id, message);
+        self
+    }
+    pub fn restarts(mut self, n: i32) -> Self {
+        self.restart_count = n;
+        self
+    }
+    pub fn json(&self) -> Value {
+        json!({"name": self.name, "image": "busybox", "imageID": "", "ready": false,
+               "restartCount": self.restart_count, "state": self.state, "lastState": self.last_state})
+    }
+}
+
+fn start_error(id: &str, message: &str) -> Value {
+    json!({"terminated": {"reason": "StartError", "message": message, "exitCode": 128,
+                          "containerID": format!("containerd://{id}"),
+                          "startedAt": "1970-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"}})
+}
 
 /// A pod on `node`, in phase `phase`, acknowledged by the kubelet at `start_time`.
 #[derive(Clone, Debug)]
@@ -252,6 +340,7 @@ pub struct PodFixture {
     pub phase: String,
     pub start_time: String,
     pub resource_version: String,
+    pub containers: Vec<ContainerFixture>,
 }
 
 impl PodFixture {
@@ -264,7 +353,16 @@ impl PodFixture {
             phase: "Pending".into(),
             start_time: "2026-01-01T00:00:10Z".into(),
             resource_version: "1".into(),
+            containers: Vec::new(),
         }
+    }
+    /// Sets the status of container `c.name` (added if new).
+    pub fn container(mut self, c: ContainerFixture) -> Self {
+        match self.containers.iter_mut().find(|o| o.name == c.name) {
+            Some(o) => *o = c,
+            None => self.containers.push(c),
+        }
+        self
     }
     pub fn host_users(mut self, v: Option<bool>) -> Self {
         self.host_users = v;
@@ -297,12 +395,16 @@ impl PodFixture {
         if let Some(c) = &self.runtime_class {
             spec["runtimeClassName"] = json!(c);
         }
+        let mut status = json!({"phase": self.phase, "startTime": self.start_time});
+        if !self.containers.is_empty() {
+            status["containerStatuses"] = self.containers.iter().map(ContainerFixture::json).collect();
+        }
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("pod-{}", self.uid), "namespace": "default",
                          "uid": self.uid, "resourceVersion": self.resource_version},
             "spec": spec,
-            "status": {"phase": self.phase, "startTime": self.start_time},
+            "status": status,
         })
     }
     pub fn build(&self) -> Pod {
@@ -321,6 +423,7 @@ pub struct EventFixture {
     pub series_count: Option<i32>,
     pub created: String,
     pub host: String,
+    pub component: String,
     pub resource_version: String,
 }
 
@@ -335,6 +438,7 @@ impl EventFixture {
             series_count: None,
             created: "2026-01-01T00:00:20Z".into(),
             host: "node-a".into(),
+            component: "kubelet".into(),
             resource_version: "1".into(),
         }
     }
@@ -355,6 +459,15 @@ impl EventFixture {
         self.host = h.into();
         self
     }
+    pub fn reason(mut self, r: &str) -> Self {
+        self.reason = r.into();
+        self
+    }
+    /// `source.component` (the kubelet's is `kubelet`).
+    pub fn component(mut self, c: &str) -> Self {
+        self.component = c.into();
+        self
+    }
     pub fn rv(mut self, rv: &str) -> Self {
         self.resource_version = rv.into();
         self
@@ -369,7 +482,7 @@ impl EventFixture {
                                "name": format!("pod-{}", self.pod_uid), "uid": self.pod_uid},
             "reason": self.reason, "message": self.message, "type": "Warning",
             "firstTimestamp": self.created, "lastTimestamp": self.created,
-            "source": {"component": "kubelet", "host": self.host},
+            "source": {"component": self.component, "host": self.host},
         });
         if let Some(c) = self.count {
             v["count"] = json!(c);

@@ -219,7 +219,12 @@ impl Installer for FakeInstaller {
         let restarted = matches!(req.restart, RestartMode::Systemd { .. });
         s.restarts += u32::from(restarted);
         s.installed.insert(req.handler.clone(), req.clone());
-        Ok(Self::outcome(Operation::Install, &req.handler, &req.restart, restarted))
+        Ok(Self::outcome(
+            Operation::Install,
+            &req.handler,
+            &req.restart,
+            restarted,
+        ))
     }
 
     fn plan_uninstall(&self, req: &UninstallRequest) -> Result<Planned, InstallError> {
@@ -239,9 +244,15 @@ impl Installer for FakeInstaller {
             let e = s.uninstall_errors.remove(0);
             return Err(e());
         }
-        let restarted = s.installed.remove(&req.handler).is_some() && matches!(req.restart, RestartMode::Systemd { .. });
+        let restarted =
+            s.installed.remove(&req.handler).is_some() && matches!(req.restart, RestartMode::Systemd { .. });
         s.restarts += u32::from(restarted);
-        Ok(Self::outcome(Operation::Uninstall, &req.handler, &req.restart, restarted))
+        Ok(Self::outcome(
+            Operation::Uninstall,
+            &req.handler,
+            &req.restart,
+            restarted,
+        ))
     }
 
     fn live(&self, req: &InstallRequest) -> Result<bool, String> {

@@ -136,6 +136,7 @@ fn binaries_resolve_the_way_each_cri_runtime_resolves_them() {
         ],
         selinux: false,
         socket: None,
+        default_handler: "crun".into(),
     };
     assert_eq!(
         crio.resolve(&h),
@@ -256,4 +257,61 @@ fn wildcards_match_like_filepath_match() {
     assert!(!wildcard("*.toml", "10-a.toml.bak"));
     assert!(wildcard("?0-*", "10-x"));
     assert!(!wildcard("?0-*", "110-x"));
+}
+
+#[test]
+fn default_handler_is_the_configured_one_else_the_runtimes_builtin() {
+    let v2_crun = CONTAINERD_V2.replace(
+        "default_runtime_name = \"runc\"",
+        "default_runtime_name = \"crun\"",
+    );
+    let (_d, h) = host(
+        &[
+            ("/etc/containerd/config.toml", &v2_crun),
+            ("/etc/containerd/plain.toml", "version = 2\n"),
+            (
+                "/etc/containerd/v3.toml",
+                "version = 3\nimports = [\"v3.d/*.toml\"]\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\ndefault_runtime_name = 'crun'\n",
+            ),
+            (
+                "/etc/containerd/v3.d/50-kata.toml",
+                "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\ndefault_runtime_name = 'runc-fips'\n",
+            ),
+        ],
+        &[],
+    );
+    let read = |p: &str| read_containerd(&h, Path::new(p)).unwrap().default_handler;
+    assert_eq!(read("/etc/containerd/config.toml"), "crun", "config v2");
+    assert_eq!(
+        read("/etc/containerd/plain.toml"),
+        "runc",
+        "containerd's built-in"
+    );
+    assert_eq!(
+        read("/etc/containerd/v3.toml"),
+        "runc-fips",
+        "config v3, an import overrides"
+    );
+
+    let (_d, h) = host(
+        &[
+            (
+                "/etc/crio/crio.conf",
+                "[crio.runtime]\ndefault_runtime = \"runc\"\n",
+            ),
+            (
+                "/etc/crio/crio.conf.d/99-crun.conf",
+                "[crio.runtime]\ndefault_runtime = \"crun-wasm\"\n",
+            ),
+        ],
+        &[],
+    );
+    let c = read_crio(&h, Path::new(CRIO_CONFIG), Path::new(CRIO_DROP_INS)).unwrap();
+    assert_eq!(c.default_handler, "crun-wasm", "the last drop-in wins");
+    let (_d, h) = host(
+        &[("/etc/crio/crio.conf", "[crio.runtime]\nselinux = true\n")],
+        &[],
+    );
+    let c = read_crio(&h, Path::new(CRIO_CONFIG), Path::new(CRIO_DROP_INS)).unwrap();
+    assert_eq!(c.default_handler, "crun", "CRI-O's built-in since 1.31");
 }

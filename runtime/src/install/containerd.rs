@@ -2,10 +2,15 @@
 //! CRI-O, and what they must contain: reads the host's config files and turns the pure
 //! edits of [`super::edit`] into [`FileChange`]s. Nothing here writes.
 //!
-//! - containerd: a drop-in `usernsguard-<handler>.toml` with the root config's `version`,
-//!   in a directory the root config already imports (`imports = ["conf.d/*.toml"]`),
-//!   else in `<root dir>/conf.d/` with the drop-in's exact path added to `imports`
-//!   (not a glob: that would start importing whatever else lies in that directory).
+//! - containerd, config version 3 (containerd 2.x): a drop-in `usernsguard-<handler>.toml`
+//!   with the root config's `version`, in a directory the root config already imports
+//!   (`imports = ["conf.d/*.toml"]`), else in `<root dir>/conf.d/` with the drop-in's exact
+//!   path added to `imports` (not a glob: that would start importing whatever else lies in
+//!   that directory).
+//! - containerd, config version 2 (containerd 1.x, also read by 2.x): the handler's tables
+//!   added to the root config itself, because containerd 1.x lets an imported file's
+//!   `plugins."io.containerd.grpc.v1.cri"` replace the root's whole CRI section
+//!   ([`super::edit::add_runtime`]).
 //! - k3s/rke2: the containerd template next to the rendered config (`config-v3.toml.tmpl`
 //!   for a v3 rendered config, else `config.toml.tmpl`; an existing one of the names k3s
 //!   reads is extended rather than shadowed), starting with `{{ template "base" . }}`.
@@ -231,6 +236,71 @@ pub fn plan_install(
             .map(|f| f.path.clone())
     };
     match target.flavor {
+        CriFlavor::Containerd if target.schema == Some(SchemaVersion::V2) => {
+            // In the root config itself: a drop-in would replace the root's whole CRI
+            // section under containerd 1.x (edit.rs says why).
+            let root = &target.resolved;
+            let recorded_undo = manifest
+                .and_then(|m| m.file(root))
+                .map(|r| r.undo.clone())
+                .filter(|u| matches!(u, Undo::RemoveRuntime { .. }));
+            let ours = recorded_undo.is_some();
+            // The handler's tables in the root are ours when we put them there.
+            let exclude: Vec<&Path> = if ours { vec![root.as_path()] } else { Vec::new() };
+            if let Some(file) = declared_elsewhere(fs, target, &spec, &exclude)? {
+                return Ok(ConfigPlan {
+                    changes: Vec::new(),
+                    note: Some(format!(
+                        "{} already registers {handler} with this binary",
+                        file.display()
+                    )),
+                });
+            }
+            spec.systemd_cgroup = default_systemd_cgroup(fs, target, Path::new(""))?;
+            let root_text = read_text(fs, root)?.unwrap_or_default();
+            // containerd 1.x's built-in `runc` goes away once any runtime is declared:
+            // declare it too when it is the default and no file declares it (edit.rs).
+            let mut merged = edit::CgroupSettings::default();
+            let mut declared = Vec::new();
+            for file in &target.files {
+                if let Some(text) = read_text(fs, file)? {
+                    merged.merge(edit::containerd_cgroup_settings(&text, file, SchemaVersion::V2)?);
+                    declared.extend(edit::containerd_runtimes(&text, file, SchemaVersion::V2)?);
+                }
+            }
+            let default = merged.default_runtime.as_deref().unwrap_or("runc");
+            let declare_default =
+                (default == "runc" && !declared.iter().any(|d| d == default)).then_some(default);
+            let after = edit::add_runtime(
+                &root_text,
+                &target.config,
+                SchemaVersion::V2,
+                &spec,
+                declare_default,
+            )?;
+            let undo = recorded_undo.unwrap_or_else(|| Undo::RemoveRuntime {
+                also: declare_default.into_iter().map(str::to_owned).collect(),
+            });
+            // An imported file with a CRI section of its own takes the root's away under
+            // containerd 1.x, ours included: say so (the CRI check after the restart tells).
+            let mut note = None;
+            for file in target.files.iter().filter(|f| f.as_path() != root.as_path()) {
+                if let Some(text) = read_text(fs, file)? {
+                    if edit::has_plugin_section(&text, file, SchemaVersion::V2.runtime_plugin())? {
+                        note = Some(format!(
+                            "{} has a plugins.\"{}\" section: containerd 1.x lets it replace the root \
+                             config's whole CRI section, {handler} included (containerd 2.x merges it)",
+                            file.display(),
+                            SchemaVersion::V2.runtime_plugin()
+                        ));
+                    }
+                }
+            }
+            Ok(ConfigPlan {
+                changes: vec![change(fs, root, Some(after), false, undo)?],
+                note,
+            })
+        }
         CriFlavor::Containerd => {
             let version = target.schema.expect("containerd has a schema");
             let root = &target.resolved;
@@ -393,6 +463,16 @@ pub fn plan_uninstall(
                 Undo::RemoveTemplateBlock => {
                     Some(edit::remove_template_block(&text, &manifest.handler).into_bytes())
                 }
+                Undo::RemoveRuntime { also } => Some(
+                    edit::remove_runtime(
+                        &text,
+                        &rec.path,
+                        manifest.schema.unwrap_or(SchemaVersion::V2),
+                        &manifest.handler,
+                        also,
+                    )?
+                    .into_bytes(),
+                ),
             }
         };
         changes.push(FileChange {

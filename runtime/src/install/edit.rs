@@ -13,6 +13,15 @@
 //! under a v2 root drops all of the root's CRI settings, and a v2 drop-in under a v3 root
 //! silently loses the drop-in's runtime handlers. Newer containerd refuses a higher
 //! drop-in version outright. Each version has its own plugin table for the runtimes.
+//!
+//! Why a version 2 root config is edited in place instead ([`add_runtime`]): containerd
+//! 1.6 and 1.7 merge an imported file by replacing each whole `plugins.<name>` section it
+//! has (containerd 2.x merges them key by key). A drop-in that registers a handler under
+//! `plugins."io.containerd.grpc.v1.cri"` therefore wipes the root's entire CRI section:
+//! measured with Debian 12's containerd 1.6.20, the sandbox image, the CNI directories and
+//! the default runtime `runc` were gone, and the CRI plugin refused to load ("no
+//! corresponding runtime configured in `containerd.runtimes` for `containerd`
+//! `default_runtime_name = "runc"`"), taking the node's CRI socket down with it.
 
 use std::path::{Path, PathBuf};
 
@@ -253,6 +262,204 @@ pub fn containerd_drop_in(version: SchemaVersion, spec: &HandlerSpec) -> String 
     );
     out.push_str(&doc.to_string());
     out
+}
+
+/// The table `key` of `parent`, created (implicit, so that it adds no header of its own)
+/// when missing.
+fn child_table<'a>(
+    parent: &'a mut Table,
+    key: &str,
+    path: &Path,
+    shown: &str,
+) -> Result<&'a mut Table, EditError> {
+    if !parent.contains_key(key) {
+        let mut t = Table::new();
+        t.set_implicit(true);
+        parent.insert(key, Item::Table(t));
+    }
+    parent
+        .get_mut(key)
+        .and_then(Item::as_table_mut)
+        .ok_or_else(|| EditError::Shape {
+            path: path.to_owned(),
+            key: shown.to_owned(),
+            expected: "a table (not an inline table), so usernsguard cannot add a handler below it",
+        })
+}
+
+/// Sets `key` to `v`, keeping the decoration (spacing, comments) of a value already there.
+fn set_keeping_decor(t: &mut Table, key: &str, v: Value) {
+    match t.get_mut(key).and_then(Item::as_value_mut) {
+        Some(old) if old.to_string().trim() == v.to_string().trim() => {}
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = v;
+            *old.decor_mut() = decor;
+        }
+        None => {
+            t.insert(key, value(v));
+        }
+    }
+}
+
+/// A version 2 root config with the handler registered in it (see the module docs for why
+/// not in a drop-in): its tables are appended to the file, marked with a comment;
+/// a table of this handler already there (usernsguard's own, from an earlier install) gets
+/// its values set. Everything else stays byte for byte, and a root that already says
+/// exactly this is returned unchanged.
+///
+/// `declare_default` names containerd's built-in default runtime (`runc`) when no file of
+/// the config declares it: containerd 1.x drops its built-in `runtimes.runc` as soon as a
+/// config declares any runtime (measured with 1.6.20: Debian's own config plus one handler
+/// left the CRI plugin unable to load, "no corresponding runtime configured ... for
+/// `default_runtime_name = "runc"`"), so it is declared beside the handler as the built-in
+/// one is (`runtime_type = "io.containerd.runc.v2"`, every option at its default).
+pub fn add_runtime(
+    root: &str,
+    path: &Path,
+    version: SchemaVersion,
+    spec: &HandlerSpec,
+    declare_default: Option<&str>,
+) -> Result<String, EditError> {
+    let default_missing = match declare_default {
+        Some(name) => runtimes_of(&parse(root, path)?, version).is_none_or(|r| !r.contains_key(name)),
+        None => false,
+    };
+    if !default_missing && registers(root, path, version, spec)? {
+        return Ok(root.to_owned());
+    }
+    let mut doc = parse(root, path)?;
+    let plugin = version.runtime_plugin();
+    let prefix = format!("plugins.\"{plugin}\"");
+    let plugins = child_table(doc.as_table_mut(), "plugins", path, "plugins")?;
+    let cri = child_table(plugins, plugin, path, &prefix)?;
+    let containerd = child_table(cri, "containerd", path, &format!("{prefix}.containerd"))?;
+    let runtimes = child_table(
+        containerd,
+        "runtimes",
+        path,
+        &format!("{prefix}.containerd.runtimes"),
+    )?;
+    if let (true, Some(name)) = (default_missing, declare_default) {
+        let mut rt = Table::new();
+        rt.decor_mut().set_prefix(format!(
+            "\n# usernsguard: containerd's built-in default runtime \"{name}\", which containerd 1.x drops \
+             once a config declares any runtime. Added by `usernsguard install` with \"{}\"; \
+             `usernsguard uninstall` removes it.\n",
+            spec.handler
+        ));
+        rt.insert("runtime_type", value("io.containerd.runc.v2"));
+        rt.set_position(usize::MAX - 2);
+        runtimes.insert(name, Item::Table(rt));
+    }
+    let key = format!("{prefix}.containerd.runtimes.{}", spec.handler);
+    let new = !runtimes.contains_key(&spec.handler);
+    if new {
+        let mut rt = Table::new();
+        rt.decor_mut().set_prefix(format!(
+            "\n{}. Added by `usernsguard install`; `usernsguard uninstall` removes it.\n",
+            marker(&spec.handler)
+        ));
+        // At the end of the file, where it is easy to see, rather than between the
+        // operator's tables.
+        rt.set_position(usize::MAX - 1);
+        runtimes.insert(&spec.handler, Item::Table(rt));
+    }
+    let rt = runtimes
+        .get_mut(&spec.handler)
+        .and_then(Item::as_table_mut)
+        .ok_or_else(|| EditError::Shape {
+            path: path.to_owned(),
+            key: key.clone(),
+            expected: "a table",
+        })?;
+    set_keeping_decor(rt, "runtime_type", Value::from("io.containerd.runc.v2"));
+    let options = child_table(rt, "options", path, &format!("{key}.options"))?;
+    // `options` is a table of its own with a header; an implicit one would put its keys
+    // under the handler's header as dotted keys.
+    options.set_implicit(false);
+    if new {
+        options.set_position(usize::MAX);
+    }
+    set_keeping_decor(
+        options,
+        "BinaryName",
+        Value::from(spec.binary.display().to_string()),
+    );
+    match spec.systemd_cgroup {
+        Some(b) => set_keeping_decor(options, "SystemdCgroup", Value::from(b)),
+        None => {
+            options.remove("SystemdCgroup");
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// Whether a containerd config file has a `plugins.<plugin>` section (which containerd 1.x
+/// lets replace the same section of every file merged before it).
+pub fn has_plugin_section(text: &str, path: &Path, plugin: &str) -> Result<bool, EditError> {
+    let doc = parse(text, path)?;
+    Ok(table(doc.get("plugins")).is_some_and(|p| p.contains_key(plugin)))
+}
+
+/// Whether `text` registers the handler exactly as `spec` says.
+fn registers(text: &str, path: &Path, version: SchemaVersion, spec: &HandlerSpec) -> Result<bool, EditError> {
+    let doc = parse(text, path)?;
+    let Some(rt) = runtimes_of(&doc, version).and_then(|r| table(r.get(&spec.handler))) else {
+        return Ok(false);
+    };
+    let options = table(rt.get("options"));
+    let binary = spec.binary.display().to_string();
+    Ok(
+        rt.get("runtime_type").and_then(Item::as_str) == Some("io.containerd.runc.v2")
+            && options.and_then(|o| o.get("BinaryName")).and_then(Item::as_str) == Some(binary.as_str())
+            && options
+                .and_then(|o| o.get("SystemdCgroup"))
+                .and_then(Item::as_bool)
+                == spec.systemd_cgroup,
+    )
+}
+
+/// `root` without the handler's tables and the default runtime's that [`add_runtime`]
+/// declared with it (`also`): its inverse, for a root config someone else changed after
+/// the install. Tables above them stay, possibly empty.
+pub fn remove_runtime(
+    root: &str,
+    path: &Path,
+    version: SchemaVersion,
+    handler: &str,
+    also: &[String],
+) -> Result<String, EditError> {
+    let mut doc = parse(root, path)?;
+    let Some(runtimes) = doc
+        .get_mut("plugins")
+        .and_then(Item::as_table_mut)
+        .and_then(|p| p.get_mut(version.runtime_plugin()))
+        .and_then(Item::as_table_mut)
+        .and_then(|p| p.get_mut("containerd"))
+        .and_then(Item::as_table_mut)
+        .and_then(|c| c.get_mut("runtimes"))
+        .and_then(Item::as_table_mut)
+    else {
+        return Ok(root.to_owned());
+    };
+    let mut removed = false;
+    for name in std::iter::once(handler).chain(also.iter().map(String::as_str)) {
+        removed |= runtimes.remove(name).is_some();
+    }
+    Ok(if removed { doc.to_string() } else { root.to_owned() })
+}
+
+/// The runtimes a containerd config file declares under the plugin table of `version`.
+pub fn containerd_runtimes(
+    text: &str,
+    path: &Path,
+    version: SchemaVersion,
+) -> Result<Vec<String>, EditError> {
+    let doc = parse(text, path)?;
+    Ok(runtimes_of(&doc, version)
+        .map(|r| r.iter().map(|(k, _)| k.to_owned()).collect())
+        .unwrap_or_default())
 }
 
 fn imports_array<'a>(doc: &'a DocumentMut, path: &Path) -> Result<Option<&'a Array>, EditError> {

@@ -96,6 +96,13 @@ pub enum Undo {
     RemoveImport { entry: String },
     /// Remove our marked block from a k3s/rke2 template.
     RemoveTemplateBlock,
+    /// Remove the handler's tables from a containerd config version 2 root config, which
+    /// gets them in place (see `edit::add_runtime`), and those of the runtimes in `also`
+    /// (containerd's default runtime, declared with it).
+    RemoveRuntime {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also: Vec<String>,
+    },
 }
 
 /// A host file the installer wrote.

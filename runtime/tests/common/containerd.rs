@@ -29,14 +29,17 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/containerd")
 }
 
-/// The real runc releases in `../shared/runtimes` (outside the repository, as on CI).
+/// The real runc releases in `../shared/runtimes` (outside the repository, as on CI), or in
+/// `$RUNTIMES_DIR` as `tests/containerd/lib.sh` takes it (a git worktree elsewhere).
 pub fn shared_runtime(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/runtimes")
-        .join(name);
+    let dir = std::env::var_os("RUNTIMES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/runtimes"));
+    let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} is missing: the real runc releases live in ../shared/runtimes",
+        "{} is missing: the real runc releases live in ../shared/runtimes (set RUNTIMES_DIR when \
+         the repository is not beside ../shared)",
         p.display()
     );
     p.canonicalize().unwrap()
@@ -123,12 +126,43 @@ impl Containerd {
     /// restart containerd` does after an installer changed the config); shims and pods
     /// survive, as they do under systemd.
     pub fn restart(&self) {
-        run(Command::new(scripts().join("stop.sh"))
-            .args([&self.name, self.version.arg()])
-            .env("KEEP_STATE", "1"));
-        run(Command::new(scripts().join("start.sh"))
-            .args([&self.name, self.version.arg()])
-            .env("UG_KEEP_CONFIG", "1"));
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Containerd::restart`], with a containerd that does not come back (a config it
+    /// refuses) as an error: the scripts' output and containerd's log.
+    pub fn try_restart(&self) -> Result<(), String> {
+        for (script, env) in [("stop.sh", "KEEP_STATE"), ("start.sh", "UG_KEEP_CONFIG")] {
+            let out = Command::new(scripts().join(script))
+                .args([&self.name, self.version.arg()])
+                .env(env, "1")
+                .output()
+                .map_err(|e| format!("running {script}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{script} {} failed ({}):\n{}",
+                    self.name,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The running containerd's PID (`None` when it is not running).
+    pub fn pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(format!("/run/usernsguard-test/{}/containerd.pid", self.name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        // Alive and not a zombie (PID 1 here reaps late), as tests/containerd/lib.sh checks.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+        (state != "Z").then_some(pid)
     }
 
     /// containerd's own log, for assertion messages.

@@ -75,7 +75,11 @@ async fn expect_release(server: &mut ApiServerVerifier, name: &str) {
     seen.expect(Method::GET, &format!("{LEASES}/{name}"), None);
     seen.reply(StatusCode::OK, &lease(name, Some("n1"), Timestamp::now()));
     let seen = server.next().await;
-    seen.expect(Method::PUT, &format!("{LEASES}/{name}?"), Some("application/json"));
+    seen.expect(
+        Method::PUT,
+        &format!("{LEASES}/{name}?"),
+        Some("application/json"),
+    );
     assert_eq!(seen.body["spec"].get("holderIdentity"), None);
     seen.echo();
 }
@@ -150,18 +154,30 @@ async fn installs_a_selected_profile_within_the_restart_budget() {
         req.binary,
         usernsguard_runtime::install::BinarySource::Local("/usr/local/lib/usernsguard/runtimes/crun".into())
     );
-    assert_eq!(req.install_path.as_deref(), Some(Path::new("/usr/local/bin/crun")));
+    assert_eq!(
+        req.install_path.as_deref(),
+        Some(Path::new("/usr/local/bin/crun"))
+    );
     assert_eq!(req.restart, RestartMode::Systemd { unit: None });
     let st = &i.statuses()[0];
     assert_eq!(
-        (st.runtime_profile.as_str(), st.handler.as_str(), st.state, st.generation),
+        (
+            st.runtime_profile.as_str(),
+            st.handler.as_str(),
+            st.state,
+            st.generation
+        ),
         ("crun", "crun", InstallState::Installed, 1)
     );
     assert!(st.cri_restarted);
     assert_eq!(st.reason, None);
     assert_eq!(st.version.as_deref(), Some("runc version 1.4.3"));
     assert_eq!(st.cri_config.as_deref(), Some("/etc/containerd/config.toml"));
-    assert!(st.message.contains("advertises user namespaces"), "{}", st.message);
+    assert!(
+        st.message.contains("advertises user namespaces"),
+        "{}",
+        st.message
+    );
     assert_eq!(state_metric(&metrics, "crun", "installed").as_deref(), Some("1"));
     assert_eq!(restarts_metric(&metrics, "success").as_deref(), Some("1"));
 
@@ -203,10 +219,17 @@ async fn waits_pending_while_the_restart_budget_is_used_up() {
     assert_eq!(state_metric(&metrics, "crun", "pending").as_deref(), Some("1"));
 
     tokio::time::advance(SLOT_RETRY).await;
-    let task = sync(i, ps, node_meta("n1", [("usernsguard.io/runtime.crun", "pending")]));
+    let task = sync(
+        i,
+        ps,
+        node_meta("n1", [("usernsguard.io/runtime.crun", "pending")]),
+    );
     let seen = server.next().await;
     seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-0"), None);
-    seen.reply(StatusCode::OK, &lease("usernsguard-restart-crun-0", None, Timestamp::now()));
+    seen.reply(
+        StatusCode::OK,
+        &lease("usernsguard-restart-crun-0", None, Timestamp::now()),
+    );
     let seen = server.next().await;
     seen.expect(
         Method::PUT,
@@ -244,7 +267,10 @@ async fn bad_input_fails_once_loudly_and_retries_with_backoff() {
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     let (i, out) = task.await.unwrap();
     let st = &i.statuses()[0];
-    assert_eq!((st.state, st.reason.as_deref()), (InstallState::Failed, Some("sha256_mismatch")));
+    assert_eq!(
+        (st.state, st.reason.as_deref()),
+        (InstallState::Failed, Some("sha256_mismatch"))
+    );
     assert_eq!(out.due, Some(Duration::from_secs(60)));
     assert_eq!(state_metric(&metrics, "crun", "failed").as_deref(), Some("1"));
     assert!(fake.changes().is_empty());
@@ -287,7 +313,10 @@ async fn a_rolled_back_install_is_not_retried_for_an_hour() {
     grant_new_slot(&mut server, "usernsguard-restart-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-crun-0").await;
     let note = expect_event(&mut server, "Warning", "RuntimeInstallFailed").await;
-    assert!(note.contains("did not answer") && note.contains("rolled back"), "{note}");
+    assert!(
+        note.contains("did not answer") && note.contains("rolled back"),
+        "{note}"
+    );
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     let (i, out) = task.await.unwrap();
     assert_eq!(i.statuses()[0].reason.as_deref(), Some("rolled_back"));
@@ -297,7 +326,11 @@ async fn a_rolled_back_install_is_not_retried_for_an_hour() {
 
     // A new generation (the operator changed the profile) is tried at once.
     let ps = profiles(&[RuntimeProfile::test().generation(2)]);
-    let task = sync(i, ps, node_meta("n1", [("usernsguard.io/runtime.crun", "failed")]));
+    let task = sync(
+        i,
+        ps,
+        node_meta("n1", [("usernsguard.io/runtime.crun", "failed")]),
+    );
     grant_new_slot(&mut server, "usernsguard-restart-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-crun-0").await;
     expect_event(&mut server, "Normal", "RuntimeInstalled").await;
@@ -334,7 +367,8 @@ async fn a_profile_that_no_longer_selects_the_node_is_uninstalled_after_an_agent
     let (i, mut server, metrics) = installs(fake.clone());
     // What the previous agent process installed.
     let previous = RuntimeProfile::test();
-    fake.install(&request(fake.as_ref(), &previous, None).ok().unwrap()).unwrap();
+    fake.install(&request(fake.as_ref(), &previous, None).ok().unwrap())
+        .unwrap();
     fake.state.lock().unwrap().calls.clear();
     metrics.set_install_state("crun", InstallState::Installed);
 
@@ -343,7 +377,10 @@ async fn a_profile_that_no_longer_selects_the_node_is_uninstalled_after_an_agent
     let task = sync(i, ps, node);
     let seen = server.next().await;
     seen.expect(Method::GET, REPORT, None);
-    seen.reply(StatusCode::OK, &report_with(json!([installed_entry("crun", "crun")])));
+    seen.reply(
+        StatusCode::OK,
+        &report_with(json!([installed_entry("crun", "crun")])),
+    );
     grant_new_slot(&mut server, "usernsguard-restart-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-crun-0").await;
     let note = expect_event(&mut server, "Normal", "RuntimeUninstalled").await;
@@ -353,7 +390,11 @@ async fn a_profile_that_no_longer_selects_the_node_is_uninstalled_after_an_agent
     assert_eq!(fake.changes(), ["uninstall crun"]);
     assert!(i.statuses().is_empty());
     assert_eq!(out.due, None);
-    assert_eq!(state_metric(&metrics, "crun", "installed"), None, "series removed");
+    assert_eq!(
+        state_metric(&metrics, "crun", "installed"),
+        None,
+        "series removed"
+    );
 }
 
 /// A deleted profile (held by the finalizer) is uninstalled; an uninstall that fails keeps
@@ -381,11 +422,17 @@ async fn a_deleted_profile_is_uninstalled_and_a_failed_uninstall_keeps_its_entry
     grant_new_slot(&mut server, "usernsguard-restart-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-crun-0").await;
     let note = expect_event(&mut server, "Warning", "RuntimeInstallFailed").await;
-    assert!(note.contains("could not be uninstalled") && note.contains("not writable"), "{note}");
+    assert!(
+        note.contains("could not be uninstalled") && note.contains("not writable"),
+        "{note}"
+    );
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     (i, _) = task.await.unwrap();
     let st = &i.statuses()[0];
-    assert_eq!((st.state, st.reason.as_deref()), (InstallState::Failed, Some("uninstall_failed")));
+    assert_eq!(
+        (st.state, st.reason.as_deref()),
+        (InstallState::Failed, Some("uninstall_failed"))
+    );
 
     // Retried after the backoff: this time it works.
     i.entries.get_mut("crun").unwrap().next_attempt = Some(Instant::now());
@@ -397,7 +444,10 @@ async fn a_deleted_profile_is_uninstalled_and_a_failed_uninstall_keeps_its_entry
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": null})).await;
     (i, _) = task.await.unwrap();
     assert!(i.statuses().is_empty());
-    assert_eq!(fake.changes(), ["install crun", "uninstall crun", "uninstall crun"]);
+    assert_eq!(
+        fake.changes(),
+        ["install crun", "uninstall crun", "uninstall crun"]
+    );
 }
 
 /// Restart mode none: configured, then `pending` until the operator's restart makes the
@@ -412,8 +462,15 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "pending"})).await;
     let (i, out) = task.await.unwrap();
     let st = &i.statuses()[0];
-    assert_eq!((st.state, st.reason.as_deref()), (InstallState::Pending, Some("restart_pending")));
-    assert!(st.message.contains("restart containerd.service"), "{}", st.message);
+    assert_eq!(
+        (st.state, st.reason.as_deref()),
+        (InstallState::Pending, Some("restart_pending"))
+    );
+    assert!(
+        st.message.contains("restart containerd.service"),
+        "{}",
+        st.message
+    );
     assert_eq!(out.due, Some(RESTART_PENDING_RETRY));
     assert!(out.installed.is_empty());
     assert_eq!(fake.restarts(), 0);
@@ -435,7 +492,11 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
     assert_eq!(i.statuses()[0].state, InstallState::Installed);
     assert_eq!(state_metric(&metrics, "crun", "installed").as_deref(), Some("1"));
     let calls = fake.state.lock().unwrap().calls.clone();
-    assert_eq!(calls.iter().filter(|c| c.starts_with("live")).count(), 2, "{calls:?}");
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("live")).count(),
+        2,
+        "{calls:?}"
+    );
 }
 
 /// Two profiles register the same handler on this node: the first by name is installed, the
@@ -451,7 +512,10 @@ async fn two_profiles_with_one_handler_install_only_the_first() {
     let task = sync(i, ps, node_meta("n1", []));
     no_report(&mut server).await;
     let note = expect_event(&mut server, "Warning", "RuntimeInstallFailed").await;
-    assert!(note.contains("RuntimeProfile a-crun registers the handler crun"), "{note}");
+    assert!(
+        note.contains("RuntimeProfile a-crun registers the handler crun"),
+        "{note}"
+    );
     grant_new_slot(&mut server, "usernsguard-restart-a-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-a-crun-0").await;
     expect_event(&mut server, "Normal", "RuntimeInstalled").await;
@@ -467,7 +531,11 @@ async fn two_profiles_with_one_handler_install_only_the_first() {
         states,
         [
             ("a-crun".to_owned(), InstallState::Installed, None),
-            ("b-crun".to_owned(), InstallState::Failed, Some("handler_conflict".to_owned())),
+            (
+                "b-crun".to_owned(),
+                InstallState::Failed,
+                Some("handler_conflict".to_owned())
+            ),
         ]
     );
 }
@@ -478,10 +546,15 @@ async fn two_profiles_with_one_handler_install_only_the_first() {
 async fn a_profile_already_in_place_needs_no_slot_and_no_install() {
     let fake = FakeInstaller::new();
     let p = RuntimeProfile::test();
-    fake.install(&request(fake.as_ref(), &p, None).ok().unwrap()).unwrap();
+    fake.install(&request(fake.as_ref(), &p, None).ok().unwrap())
+        .unwrap();
     fake.state.lock().unwrap().calls.clear();
     let (i, mut server, _) = installs(fake.clone());
-    let task = sync(i, profiles(&[p]), node_meta("n1", [("usernsguard.io/runtime.crun", "installed")]));
+    let task = sync(
+        i,
+        profiles(&[p]),
+        node_meta("n1", [("usernsguard.io/runtime.crun", "installed")]),
+    );
     no_report(&mut server).await;
     let (i, out) = task.await.unwrap();
     server.assert_quiet(Duration::from_millis(50)).await;
@@ -504,7 +577,11 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
     };
     let mut agent = Agent::new(client.clone(), AgentConfig::new("n1"), runner.clone())
         .with_installs(Installs::new(client, cfg, fake.clone()));
-    let st = Arc::new(crate::crd::SelfTest::test().with_handlers(["crun"]).interval("6h"));
+    let st = Arc::new(
+        crate::crd::SelfTest::test()
+            .with_handlers(["crun"])
+            .interval("6h"),
+    );
     let node = node_meta("n1", [("usernsguard.io/userns.crun", "pass")]);
     // The SelfTest ran once already, before the profile existed.
     let task = tokio::spawn(async move {
@@ -524,7 +601,10 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
         agent.sync_installs(&ps, &node).await.unwrap();
         let node = node_meta(
             "n1",
-            [("usernsguard.io/userns.crun", "pass"), ("usernsguard.io/runtime.crun", "installed")],
+            [
+                ("usernsguard.io/userns.crun", "pass"),
+                ("usernsguard.io/runtime.crun", "installed"),
+            ],
         );
         agent.sync(std::slice::from_ref(&st), &node).await.unwrap();
         agent
@@ -546,5 +626,9 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
     assert_eq!(installs[0]["criRestarted"], true);
     echo_status(seen);
     task.await.unwrap();
-    assert_eq!(runner.calls(), 2, "the SelfTest covering crun ran again after the install");
+    assert_eq!(
+        runner.calls(),
+        2,
+        "the SelfTest covering crun ran again after the install"
+    );
 }

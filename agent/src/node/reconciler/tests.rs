@@ -1,6 +1,6 @@
 use super::*;
 use crate::testing::{
-    mock_client, node_meta, serve_agent_api, ApiServerVerifier, FakeRunner, RequestLog, Seen,
+    mock_client, node_meta, serve_agent_api, AgentApi, ApiServerVerifier, FakeRunner, RequestLog, Seen,
 };
 use http::{Method, StatusCode};
 
@@ -362,7 +362,11 @@ async fn loop_retries_failed_writes_with_backoff_and_publishes_the_kept_result()
         StatusCode::CONFLICT,
         StatusCode::INTERNAL_SERVER_ERROR,
     ];
-    let fake = tokio::spawn(serve_agent_api(server, log.clone(), st, node, vec![], failures));
+    let api = AgentApi {
+        write_failures: failures,
+        ..AgentApi::new(st, node)
+    };
+    let fake = tokio::spawn(serve_agent_api(server, log.clone(), api));
     let (tx, mut rx) = watch::channel(false);
     let started = Instant::now();
     let task = tokio::spawn(run(agent, tx));
@@ -399,4 +403,115 @@ async fn loop_retries_failed_writes_with_backoff_and_publishes_the_kept_result()
     assert!(!task.is_finished());
     task.abort();
     fake.abort();
+}
+
+/// The NodeReport is deleted between two syncs: the next status write gets 404, and the same
+/// sync re-applies the object (spec, owner) and then the status.
+#[tokio::test]
+async fn a_status_write_answered_404_recreates_the_report_in_the_same_sync() {
+    let runner = FakeRunner::with([("runc", Verdict::Pass)]);
+    let (mut agent, mut server) = agent(runner.clone());
+    let node = node_meta("n1", []);
+    let list = sts(&[SelfTest::test().with_handlers(["runc"])]);
+    let scenario = tokio::spawn(async move {
+        expect_first_publish(&mut server, json!({"usernsguard.io/userns.runc": "pass"})).await;
+        server
+    });
+    agent.sync(&list, &node).await.unwrap();
+    let mut server = crate::testing::finish(scenario, Duration::from_secs(1)).await;
+
+    let node = node_meta("n1", [("usernsguard.io/userns.runc", "pass")]);
+    let list = sts(&[SelfTest::test().with_handlers(["runc"]).generation(2)]);
+    let scenario = tokio::spawn(async move {
+        let seen = server.next().await;
+        seen.expect(Method::PATCH, STATUS, APPLY);
+        seen.fail(StatusCode::NOT_FOUND, "NotFound");
+        let seen = server.next().await;
+        seen.expect(Method::PATCH, REPORT, APPLY);
+        assert_eq!(seen.body["spec"], json!({"nodeName": "n1"}));
+        assert_eq!(seen.body["metadata"]["ownerReferences"][0]["uid"], "n1-uid");
+        seen.echo();
+        let status = expect_status(&mut server).await;
+        assert_eq!(status["results"][0]["generation"], 2);
+        server
+    });
+    agent.sync(&list, &node).await.unwrap();
+    let mut server = crate::testing::finish(scenario, Duration::from_secs(1)).await;
+    server.assert_quiet(Duration::from_millis(50)).await;
+    assert_eq!(runner.calls(), 2);
+}
+
+/// A deleted NodeReport whose results have not changed: its metadata watch says it is gone,
+/// and the object and the status are written again at once, without re-running the
+/// self-test, long before the next run is due.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_report_is_recreated_within_one_interval() {
+    let runner = FakeRunner::with([("runc", Verdict::Pass)]);
+    let (client, server) = mock_client();
+    let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone());
+    let st = SelfTest::test().with_handlers(["runc"]).interval("10m");
+    let node = node_meta("n1", [("usernsguard.io/userns.runc", "pass")]);
+    let log: RequestLog = Arc::default();
+    let api = AgentApi {
+        report_deleted_after: Some(Duration::from_secs(120)),
+        ..AgentApi::new(st, node)
+    };
+    let fake = tokio::spawn(serve_agent_api(server, log.clone(), api));
+    let (tx, mut rx) = watch::channel(false);
+    let started = Instant::now();
+    let task = tokio::spawn(run(agent, tx));
+    rx.wait_for(|r| *r).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(590)).await;
+    let writes: Vec<(u64, String)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, m, _)| *m == Method::PATCH)
+        .map(|(t, _, u)| {
+            (
+                t.duration_since(started).as_secs(),
+                u.split('?').next().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let report = "/apis/usernsguard.io/v1alpha1/nodereports/n1".to_owned();
+    let status = format!("{report}/status");
+    assert_eq!(
+        writes,
+        vec![
+            (0, report.clone()),
+            (0, status.clone()),
+            (120, report),
+            (120, status)
+        ],
+        "first publish, then the recreation when the deletion is seen"
+    );
+    assert_eq!(runner.calls(), 1, "recreated from the kept result");
+    task.abort();
+    fake.abort();
+}
+
+#[test]
+fn report_presence_sees_deletions_on_the_watch_and_in_relists() {
+    let report: PartialObjectMeta<NodeReport> = serde_json::from_value(json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "n1"}}))
+    .unwrap();
+    let mut p = ReportPresence::default();
+    let events = [
+        (watcher::Event::Init, false),
+        (watcher::Event::InitDone, false),
+        (watcher::Event::Apply(report.clone()), false),
+        (watcher::Event::Apply(report.clone()), false),
+        (watcher::Event::Delete(report.clone()), true),
+        (watcher::Event::Apply(report.clone()), false),
+        // Deleted while the watch was down: absent from the re-list.
+        (watcher::Event::Init, false),
+        (watcher::Event::InitDone, true),
+        (watcher::Event::Init, false),
+        (watcher::Event::InitApply(report.clone()), false),
+        (watcher::Event::InitDone, false),
+    ];
+    for (i, (ev, gone)) in events.into_iter().enumerate() {
+        assert_eq!(p.gone_after(&ev), gone, "event {i}");
+    }
 }

@@ -123,3 +123,109 @@ fn default_runtime_cgroup_driver_follows_the_merge_order() {
     );
     assert_eq!(s.for_default(), None);
 }
+
+#[test]
+fn v2_roots_get_the_handler_in_place_and_lose_it_again() {
+    let p = Path::new(P);
+    // Debian 12's containerd config, indentation and all.
+    let root = "version = 2\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n    [plugins.\"io.containerd.grpc.v1.cri\".cni]\n      bin_dir = \"/usr/lib/cni\"\n  [plugins.\"io.containerd.internal.v1.opt\"]\n    path = \"/var/lib/containerd/opt\"\n";
+    let added = add_runtime(root, p, SchemaVersion::V2, &spec("runc.1-4"), None).unwrap();
+    // Appended, marked; nothing else moved.
+    assert_eq!(
+        added,
+        format!(
+            "{root}\n# usernsguard: runtime handler \"runc.1-4\". Added by `usernsguard install`; `usernsguard uninstall` removes it.\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"runc.1-4\"]\nruntime_type = \"io.containerd.runc.v2\"\n\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"runc.1-4\".options]\nBinaryName = \"/opt/rt/runc\"\nSystemdCgroup = true\n"
+        )
+    );
+    assert_eq!(
+        containerd_declared(&added, p, SchemaVersion::V2, "runc.1-4").unwrap(),
+        Some(Declared {
+            runtime_type: "io.containerd.runc.v2".into(),
+            binary: Some("/opt/rt/runc".into())
+        })
+    );
+    // Again: unchanged. Another binary: the values change in place, the marker stays one.
+    assert_eq!(
+        add_runtime(&added, p, SchemaVersion::V2, &spec("runc.1-4"), None).unwrap(),
+        added
+    );
+    let mut other = spec("runc.1-4");
+    other.binary = PathBuf::from("/other/runc");
+    other.systemd_cgroup = None;
+    let moved = add_runtime(&added, p, SchemaVersion::V2, &other, None).unwrap();
+    assert_eq!(
+        moved.matches("# usernsguard: runtime handler").count(),
+        1,
+        "{moved}"
+    );
+    assert!(
+        moved.contains("BinaryName = \"/other/runc\"") && !moved.contains("SystemdCgroup"),
+        "{moved}"
+    );
+    // Taken out of a file someone edited after the install: only our tables go.
+    let edited = added.replace("/usr/lib/cni", "/opt/cni/bin");
+    let removed = remove_runtime(&edited, p, SchemaVersion::V2, "runc.1-4", &[]).unwrap();
+    assert!(
+        !removed.contains("runc.1-4") && removed.contains("/opt/cni/bin"),
+        "{removed}"
+    );
+    assert_eq!(
+        remove_runtime(&removed, p, SchemaVersion::V2, "runc.1-4", &[]).unwrap(),
+        removed
+    );
+    // An empty root, and one whose runtimes are an inline table.
+    let fresh = add_runtime("version = 2\n", p, SchemaVersion::V2, &spec("h"), None).unwrap();
+    assert!(
+        containerd_declared(&fresh, p, SchemaVersion::V2, "h")
+            .unwrap()
+            .is_some(),
+        "{fresh}"
+    );
+    let inline = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = { runc = { runtime_type = \"io.containerd.runc.v2\" } }\n";
+    let err = add_runtime(inline, p, SchemaVersion::V2, &spec("h"), None).unwrap_err();
+    assert!(
+        matches!(err, EditError::Shape { .. }) && err.to_string().starts_with(P),
+        "{err}"
+    );
+}
+
+#[test]
+fn containerd_1_x_s_default_runtime_is_declared_with_the_handler_when_no_file_does() {
+    let p = Path::new(P);
+    let root = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n";
+    let added = add_runtime(root, p, SchemaVersion::V2, &spec("h"), Some("runc")).unwrap();
+    assert!(added.starts_with(root), "{added}");
+    assert_eq!(
+        containerd_declared(&added, p, SchemaVersion::V2, "runc").unwrap(),
+        Some(Declared {
+            runtime_type: "io.containerd.runc.v2".into(),
+            binary: None
+        }),
+        "{added}"
+    );
+    assert_eq!(
+        containerd_runtimes(&added, p, SchemaVersion::V2).unwrap(),
+        ["runc", "h"]
+    );
+    let at = |name: &str| added.find(&format!("runtimes.{name}]")).unwrap();
+    assert!(at("runc") < at("h"), "{added}");
+    // Once there, it is declared: nothing more to add.
+    assert_eq!(
+        add_runtime(&added, p, SchemaVersion::V2, &spec("h"), Some("runc")).unwrap(),
+        added
+    );
+    // A default runtime declared already (by the operator) is left alone.
+    let has_runc = add_runtime(root, p, SchemaVersion::V2, &spec("runc"), None).unwrap();
+    let both = add_runtime(&has_runc, p, SchemaVersion::V2, &spec("h"), Some("runc")).unwrap();
+    assert_eq!(both.matches("runtimes.runc]").count(), 1, "{both}");
+    // Taken out with the handler (someone else edited the file meanwhile).
+    let edited = added.replace("/usr/lib/cni", "/opt/cni/bin");
+    let removed = remove_runtime(&edited, p, SchemaVersion::V2, "h", &["runc".into()]).unwrap();
+    assert_eq!(
+        containerd_runtimes(&removed, p, SchemaVersion::V2).unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(removed.contains("/opt/cni/bin"), "{removed}");
+}
