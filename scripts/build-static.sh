@@ -13,7 +13,7 @@ build() {
   # or proc macros, which must stay dynamic.
   RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release --locked \
     --target "$target" -p usernsguard-agent --bin usernsguard
-  local bin="target/$target/release/usernsguard"
+  local bin="${CARGO_TARGET_DIR:-target}/$target/release/usernsguard"
   if ! file "$bin" | grep -Eq 'static(-pie)? linked|statically linked'; then
     echo "build-static: $bin is not statically linked: $(file -b "$bin")" >&2
     exit 1

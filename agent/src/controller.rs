@@ -5,16 +5,21 @@
 //!   the NodeReports in memory, and any NodeReport change re-queues the SelfTests (the
 //!   controller's queue folds a burst of 5,000 reports into one reconcile per SelfTest). No
 //!   periodic list, no periodic requeue.
-//! - [`runtime_class`]: one RuntimeClass per RuntimeProfile.
+//! - [`runtime_profile`]: per RuntimeProfile, the uninstall finalizer, its RuntimeClass
+//!   ([`runtime_class`]) and its status from the NodeReports' installs, re-queued the same way.
+//! - [`uninstall`]: `--uninstall-all`, the chart's pre-delete hook (not a reconciler).
 //!
 //! What needs no finalizer and why: a deleted SelfTest's node labels and NodeReport entries
 //! are removed by each node's agent, which sees the deletion through its own watch; the
-//! NodeReport itself is owned by its Node; a RuntimeClass is owned by its RuntimeProfile.
+//! NodeReport itself is owned by its Node; a RuntimeClass is owned by its RuntimeProfile. A
+//! RuntimeProfile does have one: its runtime must leave every node before it goes.
 
 pub mod context;
 pub mod leader;
 pub mod runtime_class;
+pub mod runtime_profile;
 pub mod selftest_status;
+pub mod uninstall;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,23 +35,30 @@ use kube::{Api, Client};
 
 use crate::crd::{NodeReport, RuntimeProfile, SelfTest};
 use context::{error_policy, Context};
-use runtime_class::reconcile_profile;
+use runtime_profile::reconcile_profile;
 use selftest_status::reconcile_selftest;
 
-/// Quiet period before a SelfTest is re-aggregated after a NodeReport change.
+/// Quiet period before a SelfTest or RuntimeProfile is re-aggregated after a NodeReport change.
 pub const STATUS_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// Runs both controllers until the future is dropped (the leader elector drops it when the
 /// Lease is lost).
 pub async fn run(client: Client) {
+    // NodeReport and Node label changes re-queue every profile as well: a one-slot channel
+    // per source, so a burst becomes one trigger (the controller de-duplicates the rest).
+    let (mut report_tx, report_rx) = futures::channel::mpsc::channel::<()>(1);
+    let (mut node_tx, node_rx) = futures::channel::mpsc::channel::<()>(1);
     let (reports, writer) = reflector::store::<NodeReport>();
     let report_events = watcher(Api::<NodeReport>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .touched_objects();
+        .touched_objects()
+        .inspect(move |_| {
+            let _ = report_tx.try_send(());
+        });
     let (nodes, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
-    // Only label changes move a node in or out of a SelfTest's selection; the kubelet's
-    // status updates reach the metadata watch too and are dropped here.
+    // Only label changes move a node in or out of a selection; the kubelet's status updates
+    // reach the metadata watch too and are dropped here.
     let node_events = watcher(
         Api::<PartialObjectMeta<Node>>::all(client.clone()),
         watcher::Config::default(),
@@ -54,11 +66,23 @@ pub async fn run(client: Client) {
     .default_backoff()
     .reflect(node_writer)
     .touched_objects()
-    .predicate_filter(predicates::labels, PredicateConfig::default());
+    .predicate_filter(predicates::labels, PredicateConfig::default())
+    .inspect(move |_| {
+        let _ = node_tx.try_send(());
+    });
+    let (runtime_classes, rc_writer) = reflector::store::<RuntimeClass>();
+    let rc_events = watcher(
+        Api::<RuntimeClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(rc_writer)
+    .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         reports,
         nodes,
+        runtime_classes,
     });
     let selftests = Controller::new(Api::<SelfTest>::all(client.clone()), watcher::Config::default());
     let st_store = selftests.store();
@@ -78,13 +102,12 @@ pub async fn run(client: Client) {
         })
         .run(reconcile_selftest, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
-    let profiles = Controller::new(
-        Api::<RuntimeProfile>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<RuntimeClass>::all(client), watcher::Config::default())
-    .run(reconcile_profile, error_policy, ctx)
-    .for_each(|_| futures::future::ready(()));
+    let profiles = Controller::new(Api::<RuntimeProfile>::all(client), watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().debounce(STATUS_DEBOUNCE))
+        .owns_stream(rc_events)
+        .reconcile_all_on(futures::stream::select(report_rx, node_rx))
+        .run(reconcile_profile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
     futures::join!(selftests, profiles);
 }
 

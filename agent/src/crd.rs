@@ -72,17 +72,18 @@ mod tests {
         assert_eq!(rtp.spec.runtime, OciRuntime::Crun);
         assert_eq!(rtp.spec.binary.source, BinarySourceKind::Bundled);
         assert_eq!(rtp.spec.cri.runtime, CriRuntime::Containerd);
-        assert_eq!(rtp.spec.cri.config_style, ConfigStyle::Auto);
+        assert_eq!(rtp.spec.cri.restart, RestartPolicy::Systemd);
+        assert_eq!(rtp.spec.rollout.max_concurrent_restarts, 1);
         assert!(rtp.spec.runtime_class.create && rtp.spec.runtime_class.require_self_test_pass);
         assert_eq!(rtp.spec.runtime_class.overhead["memory"], "20Mi");
 
         let rtp: RuntimeProfile = example("runtimeprofile-runc-crio.yaml");
         assert_eq!(rtp.spec.binary.source, BinarySourceKind::Url);
         assert_eq!(rtp.spec.cri.runtime, CriRuntime::Crio);
-        assert_eq!(rtp.spec.cri.config_style, ConfigStyle::DropIn);
+        assert_eq!(rtp.spec.rollout.max_concurrent_restarts, 2);
 
         let rtp: RuntimeProfile = example("runtimeprofile-host-k3s.yaml");
-        assert_eq!(rtp.spec.cri.config_style, ConfigStyle::K3sTemplate);
+        assert_eq!(rtp.spec.cri.unit.as_deref(), Some("k3s-agent.service"));
         assert!(!rtp.spec.runtime_class.create);
 
         let nr: NodeReport = example("nodereport.yaml");

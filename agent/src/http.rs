@@ -131,7 +131,8 @@ pub async fn shutdown_signal() {
 }
 
 /// `usernsguard selftest --serve ADDR --interval DURATION`: runs `run` now and then every
-/// `interval`, publishes each report through [`Metrics::observe_selftest`], and serves the
+/// `interval`, publishes each report through [`Metrics::observe_selftest`] (and the probed
+/// handlers' zero pod-failure series, [`Metrics::register_handler`]), and serves the
 /// endpoint on `listener` until `shutdown` completes. `/readyz` turns ready after the first
 /// successful run. A failed run is logged and leaves the previous values in place, so
 /// `usernsguard_selftest_last_run_timestamp_seconds` going stale is what alerts on it. `run`
@@ -170,6 +171,12 @@ where
         match report {
             Ok(report) => {
                 metrics.observe_selftest(&report);
+                // The handlers probed are this node's: they get the zero-valued pod failure
+                // series the agent keeps for its node's handlers, so the same dashboards
+                // and alerts read the same shapes from a standalone node.
+                for h in &report.handlers {
+                    metrics.register_handler(&h.handler);
+                }
                 health.mark_ready();
             }
             Err(e) => tracing::error!(error = %e, "self-test run failed"),

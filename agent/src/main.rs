@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Node agent (DaemonSet): runs the self-tests for its node and publishes the results.
     Agent(cmd::agent::AgentArgs),
-    /// Cluster controller (Deployment, leader-elected): SelfTest status and RuntimeClasses.
+    /// Cluster controller (Deployment, leader-elected): SelfTest and RuntimeProfile status,
+    /// RuntimeClasses, uninstall finalizers; `--uninstall-all` for the chart's pre-delete hook.
     Controller(cmd::controller::ControllerArgs),
     /// Check this node's OCI runtimes for user-namespace compatibility (no cluster needed).
     Selftest(cmd::selftest::SelftestArgs),

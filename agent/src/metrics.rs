@@ -309,6 +309,16 @@ impl Metrics {
         }
     }
 
+    /// Drops a handler's install-state series once nothing is installed for it, so a
+    /// dashboard does not keep showing a runtime that is gone.
+    pub fn remove_install_state(&self, handler: &str) {
+        for s in InstallState::ALL {
+            let _ = self
+                .runtime_install_state
+                .remove_label_values(&[handler, s.as_str()]);
+        }
+    }
+
     /// Counts one restart/reload of the container runtime (`containerd`, `crio`).
     pub fn inc_runtime_restart(&self, runtime: &str, result: RestartResult) {
         self.container_runtime_restarts
@@ -598,6 +608,16 @@ mod tests {
             let got = sample(&text, "usernsguard_runtime_install_state", &labels);
             assert_eq!(got.as_deref(), Some(want), "{state}");
         }
+        m.set_install_state("runc", InstallState::Failed);
+        m.remove_install_state("crun");
+        let text = m.render();
+        let crun = [("node", "n"), ("runtime_handler", "crun"), ("state", "installed")];
+        assert_eq!(sample(&text, "usernsguard_runtime_install_state", &crun), None);
+        let runc = [("node", "n"), ("runtime_handler", "runc"), ("state", "failed")];
+        assert_eq!(
+            sample(&text, "usernsguard_runtime_install_state", &runc).as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

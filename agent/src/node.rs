@@ -1,11 +1,18 @@
 //! Everything the agent does for its own node: the reconciler that runs the self-tests and
 //! publishes their results ([`reconciler`]), the runner trait it calls ([`runner`]) and the
-//! engine that implements it with real probes ([`engine`]), and the watches that count the
-//! node's user-namespace pod failures ([`watch`]). [`run`] runs them together.
+//! engine that implements it with real probes ([`engine`]); the RuntimeProfile installs
+//! ([`installs`]) through the host installer ([`installer`]) within the cluster-wide restart
+//! budget ([`restart_budget`]); the node labels both own ([`labels`]); and the watches that
+//! count the node's user-namespace pod failures ([`watch`]). [`run`] runs them together.
 
 pub mod engine;
+pub mod error;
 pub mod handlers;
+pub mod installer;
+pub mod installs;
+pub mod labels;
 pub mod reconciler;
+pub mod restart_budget;
 pub mod runner;
 pub mod watch;
 
@@ -61,13 +68,14 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::SelfTest;
+    use crate::crd::{RuntimeProfile, SelfTest};
     use crate::http::serve_while;
     use crate::testing::{
         http_status, mock_client, node_meta, query_param, serve_agent_api, unreachable_client, AgentApi,
-        FakeRunner, RequestLog,
+        FakeInstaller, FakeRunner, RequestLog,
     };
     use http::Method;
+    use installs::{Installs, InstallsConfig};
     use reconciler::AgentConfig;
     use serde_json::{json, Value};
     use std::sync::Arc;
@@ -113,14 +121,41 @@ mod tests {
         process.abort();
     }
 
-    /// The whole agent (SelfTest reconciler and pod/event failure watches), one SelfTest
-    /// (runc and crun, every 10 minutes), 110 running pods on the node, no change for an
+    /// The whole agent as `usernsguard agent` runs it (SelfTest reconciler, RuntimeProfile
+    /// installs, pod/event failure watches): one SelfTest (runc and crun, every 10 minutes),
+    /// one RuntimeProfile already installed on the node, 110 running pods, no change for an
     /// hour: counts every request the fake API server receives.
     #[tokio::test(start_paused = true)]
     async fn an_hour_of_steady_state_costs_only_watch_renewals() {
         let runner = FakeRunner::with([("runc", Verdict::Pass), ("crun", Verdict::Pass)]);
         let (client, server) = mock_client();
-        let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone());
+        let installer = FakeInstaller::new();
+        let mut profile = RuntimeProfile::test();
+        profile.metadata.resource_version = Some("80".into());
+        installer.state.lock().unwrap().installed.insert(
+            "crun".into(),
+            usernsguard_runtime::install::InstallRequest {
+                handler: "crun".into(),
+                binary: usernsguard_runtime::install::BinarySource::Local(
+                    "/usr/local/lib/usernsguard/runtimes/crun".into(),
+                ),
+                install_path: Some("/usr/local/bin/crun".into()),
+                sha256: None,
+                cri_config: "/etc/containerd/config.toml".into(),
+                restart: usernsguard_runtime::install::RestartMode::Systemd { unit: None },
+                cri_socket: None,
+            },
+        );
+        let installs = Installs::new(
+            client.clone(),
+            InstallsConfig {
+                node_name: "n1".into(),
+                namespace: "usernsguard".into(),
+                cri_socket: None,
+            },
+            installer.clone(),
+        );
+        let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone()).with_installs(installs);
         let mut st = SelfTest::test().interval("10m");
         st.metadata.resource_version = Some("90".into());
         let node = node_meta(
@@ -128,6 +163,7 @@ mod tests {
             [
                 ("usernsguard.io/userns.runc", "pass"),
                 ("usernsguard.io/userns.crun", "pass"),
+                ("usernsguard.io/runtime.crun", "installed"),
             ],
         );
         let pods: Vec<Value> = (0..110)
@@ -142,6 +178,7 @@ mod tests {
         let log: RequestLog = Arc::default();
         let api = AgentApi {
             pods,
+            profiles: vec![profile],
             ..AgentApi::new(st, node)
         };
         let fake = tokio::spawn(serve_agent_api(server, log.clone(), api));
@@ -181,16 +218,20 @@ mod tests {
             others.is_empty(),
             "lists, gets or writes in steady state: {others:?}"
         );
-        // Six watches (SelfTests, own Node, own NodeReport; RuntimeClasses, own pods, sandbox
-        // failure events), each renewed when the server closes it after timeoutSeconds (290 s
-        // in kube's watcher): 12 or 13 each in an hour.
-        assert!(watches <= 6 * 13, "{watches} watch requests");
+        // Seven watches (SelfTests, RuntimeProfiles, own Node, own NodeReport; RuntimeClasses,
+        // own pods, sandbox failure events), each renewed when the server closes it after
+        // timeoutSeconds (290 s in kube's watcher): 12 or 13 each in an hour.
+        assert!(watches <= 7 * 13, "{watches} watch requests");
         assert!(
-            watches >= 6 * 12,
+            watches >= 7 * 12,
             "{watches}: the watches were not kept open the whole hour"
         );
         // First run, then one every 10 minutes: each re-run found the same and wrote nothing.
         assert!((6..=7).contains(&runner.calls()), "{} runs", runner.calls());
+        // The install was re-planned every 10 minutes (drift repair) and never applied.
+        let calls = installer.state.lock().unwrap().calls.clone();
+        assert!(installer.changes().is_empty(), "{calls:?}");
+        assert!((6..=7).contains(&calls.len()), "{calls:?}");
         assert!(!task.is_finished());
         task.abort();
         fake.abort();

@@ -5,6 +5,7 @@
 
 pub mod api_server;
 pub mod builders;
+pub mod installer;
 pub mod runner;
 pub mod scripted;
 
@@ -13,6 +14,7 @@ pub use api_server::{
     AgentApi, ApiServerVerifier, RequestLog, Seen,
 };
 pub use builders::*;
+pub use installer::FakeInstaller;
 pub use runner::FakeRunner;
 pub use scripted::{
     added, deleted, gone, modified, runtime_classes, selectable_fields, FieldSelector, Reply, Script,

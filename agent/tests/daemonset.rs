@@ -190,6 +190,7 @@ fn the_rendered_agent_container_runs_selftest_on_the_host_through_containerd() {
         ) {
             (Some(v), _) => v.to_owned(),
             (None, Some("spec.nodeName")) => "test-node".to_owned(),
+            (None, Some("metadata.namespace")) => "usernsguard-system".to_owned(),
             other => panic!(
                 "env {} from {other:?}: teach this test the downward API field",
                 e["name"]
@@ -334,7 +335,8 @@ fn the_rendered_agent_container_runs_selftest_on_the_host_through_containerd() {
     );
     cri.remove_pod(&pod).unwrap();
 
-    let host = Command::new(repo().join("target/x86_64-unknown-linux-musl/release/usernsguard"))
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from);
+    let host = Command::new(target.join("x86_64-unknown-linux-musl/release/usernsguard"))
         .args([
             "selftest",
             "--output",

@@ -27,10 +27,7 @@ HOOK_KEYS = {"helm.sh/hook", "helm.sh/hook-weight", "helm.sh/hook-delete-policy"
 # Flags the chart passes that the lead is adding to the binary (the brief names each);
 # a strict expected failure: the check fails as soon as the binary has one of them, so
 # that the entry is removed here and the flag checked for real.
-PENDING_FLAGS = {
-    ("controller", "--uninstall-all"): "the pre-delete uninstall hook",
-    ("controller", "--timeout"): "the pre-delete uninstall hook",
-}
+PENDING_FLAGS: dict[tuple[str, str], str] = {}
 
 failures: list[str] = []
 passes = 0
@@ -234,15 +231,22 @@ def test_rbac(h: str, tag: str):
         (["events.k8s.io"], ["events"], ["create", "patch"]))
     check(ctrl == want_ctrl, f"[{tag}] controller ClusterRole is exactly the least-privilege set",
           f"extra {sorted(ctrl - want_ctrl)}, missing {sorted(want_ctrl - ctrl)}")
-    role = one(docs, "Role")
-    check(role["metadata"]["namespace"] == NS and rules_of(role) == expand(
+    roles = {r["metadata"]["name"]: r for r in kinds(docs, "Role")}
+    check(sorted(roles) == ["usernsguard-agent-restart-budget", "usernsguard-controller-leader-election"],
+          f"[{tag}] two Roles: the controller's leader election, the agents' restart budgets", str(sorted(roles)))
+    role = roles.get("usernsguard-controller-leader-election", {"metadata": {}, "rules": []})
+    check(role["metadata"].get("namespace") == NS and rules_of(role) == expand(
         (["coordination.k8s.io"], ["leases"], ["create"]),
         (["coordination.k8s.io"], ["leases"], ["get", "update"], ["usernsguard-controller"])),
         f"[{tag}] controller Role: the Lease usernsguard-controller in {NS} only")
+    role = roles.get("usernsguard-agent-restart-budget", {"metadata": {}, "rules": []})
+    check(role["metadata"].get("namespace") == NS and rules_of(role) == expand(
+        (["coordination.k8s.io"], ["leases"], ["get", "create", "update"])),
+        f"[{tag}] agent Role: Leases in {NS} only (restart budgets), no delete, no list")
     for b in kinds(docs, "ClusterRoleBinding") + kinds(docs, "RoleBinding"):
         s = b["subjects"]
         check(len(s) == 1 and s[0]["kind"] == "ServiceAccount" and s[0]["namespace"] == NS and
-              s[0]["name"] == b["roleRef"]["name"].replace("-leader-election", ""),
+              s[0]["name"] == b["roleRef"]["name"].removesuffix("-leader-election").removesuffix("-restart-budget"),
               f"[{tag}] {b['kind']} {b['metadata']['name']} binds only its component's ServiceAccount")
     for d in kinds(docs, "ServiceAccount") + kinds(docs, "ClusterRole") + kinds(docs, "ClusterRoleBinding") \
             + kinds(docs, "Role") + kinds(docs, "RoleBinding"):

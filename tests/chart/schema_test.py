@@ -48,7 +48,7 @@ CASES = [
     ("handler not a DNS label", profile(handler="Crun_UserNS"), profile(handler="crun-userns-2")),
     ("handler longer than 55", profile(handler="a" * 56), profile(handler="a" * 55)),
     ("unknown binary source", profile(binary__source="Docker"), profile(binary__source="Host")),
-    ("unknown CRI config style", profile(cri__configStyle="patch"), profile(cri__configStyle="imports")),
+    ("unknown CRI runtime", profile(cri__runtime="docker"), profile(cri__runtime="crio")),
     ("unknown RuntimeProfile spec key", profile(runtimeClas={"create": False}), profile(runtimeClass={"create": False})),
     ("RuntimeProfile without handler", {"runtimeProfiles": [{"name": "x", "spec": {"runtime": "crun", "binary": {"path": "/x"}}}]},
      {"runtimeProfiles": [{"name": "x", "spec": {"runtime": "crun", "handler": "x", "binary": {"path": "/x"}}}]}),

@@ -12,6 +12,8 @@ use crate::http::{self, serve_while};
 use crate::metrics::Metrics;
 use crate::node::engine::EngineRunner;
 use crate::node::handlers::{discover_on, NodeHandlers};
+use crate::node::installer::{self, HostInstaller};
+use crate::node::installs::{Installs, InstallsConfig};
 use crate::node::reconciler::{Agent, AgentConfig};
 use crate::node::watch::WatchConfig;
 
@@ -47,6 +49,14 @@ pub struct AgentArgs {
     /// (runc's mqueue failure among them) never reach a pod's status and go uncounted.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub watch_events: bool,
+    /// The agent's namespace (downward API `metadata.namespace`): where the RuntimeProfiles'
+    /// restart-budget Leases live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "usernsguard-system")]
+    pub namespace: String,
+    /// Where this image keeps the runtimes a `Bundled` RuntimeProfile installs, one file per
+    /// runtime (`runc`, `crun`).
+    #[arg(long, default_value = installer::BUNDLED_DIR, value_name = "DIR")]
+    pub bundled_runtimes: std::path::PathBuf,
 }
 
 /// `usernsguard agent`: in-cluster config or KUBECONFIG, then [`crate::node::run`] and the HTTP
@@ -63,8 +73,21 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
     let node_handlers = NodeHandlers::new();
     let mut engine = engine(&args, host.clone())?;
     engine.node_handlers = Some(node_handlers.clone());
-    let agent =
-        Agent::new(client, AgentConfig::new(&args.node_name), Arc::new(engine)).with_metrics(metrics.clone());
+    let mut installer = HostInstaller::new(host.clone());
+    installer.bundled_dir = args.bundled_runtimes.clone();
+    let installs = Installs::new(
+        client.clone(),
+        InstallsConfig {
+            node_name: args.node_name.clone(),
+            namespace: args.namespace.clone(),
+            cri_socket: args.cri_socket.clone(),
+        },
+        Arc::new(installer),
+    )
+    .with_metrics(metrics.clone());
+    let agent = Agent::new(client, AgentConfig::new(&args.node_name), Arc::new(engine))
+        .with_metrics(metrics.clone())
+        .with_installs(installs);
     let mut watches = WatchConfig::new(
         &args.node_name,
         Arc::new(usernsguard_runtime::classify::classify),

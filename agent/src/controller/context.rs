@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
@@ -39,6 +42,9 @@ pub struct Context {
     /// Every Node's metadata (labels decide which ones a SelfTest selects), kept current by
     /// a watch.
     pub nodes: Store<PartialObjectMeta<Node>>,
+    /// Every RuntimeClass, kept current by the profile controller's `owns` watch: a profile's
+    /// RuntimeClass is written only when it differs from the wanted one.
+    pub runtime_classes: Store<RuntimeClass>,
 }
 
 impl std::fmt::Debug for Context {
@@ -52,4 +58,28 @@ impl std::fmt::Debug for Context {
 pub fn error_policy<K>(_obj: Arc<K>, err: &ControllerError, _ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %err, kind = err.metric_label(), "reconcile failed");
     Action::requeue(Duration::from_secs(15))
+}
+
+/// A condition with `(status, reason, message)`, keeping the transition time of an existing
+/// condition of the same type and status.
+pub fn condition(
+    old: &[Condition],
+    type_: &str,
+    (status, reason, message): (&str, &str, String),
+    generation: i64,
+    now: Timestamp,
+) -> Condition {
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: since,
+    }
 }

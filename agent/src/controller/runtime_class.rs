@@ -1,14 +1,13 @@
 //! RuntimeClasses: one per RuntimeProfile (unless `runtimeClass.create` is false), owned
-//! through an ownerReference, so deleting the profile garbage-collects its RuntimeClass
-//! without a finalizer.
-
-use std::sync::Arc;
+//! through an ownerReference, so the garbage collector removes it with the profile (after
+//! the profile's uninstall finalizer is released). [`super::runtime_profile`] decides when
+//! these run.
 
 use k8s_openapi::api::node::v1::{Overhead, RuntimeClass, Scheduling};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
-use kube::{Api, Resource};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::context::{Context, ControllerError};
@@ -52,94 +51,60 @@ pub fn desired_runtime_class(p: &RuntimeProfile) -> Option<RuntimeClass> {
     Some(rc)
 }
 
-/// Applies the profile's RuntimeClass (server-side apply: idempotent, and only triggered by
-/// a change of the profile or of the RuntimeClass itself), then records its name in the
-/// profile's status if it is not there yet.
-pub async fn reconcile_profile(p: Arc<RuntimeProfile>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
-    let Some(rc) = desired_runtime_class(&p) else {
-        return Ok(Action::await_change());
-    };
-    let rc_name = rc.metadata.name.clone().unwrap_or_default();
-    let mut body = serde_json::to_value(&rc).expect("RuntimeClass serializes");
+/// Whether the RuntimeClass in the cluster (`current`) differs from `desired` in what the
+/// profile decides: handler, overhead, scheduling and the owner. Everything else (labels
+/// added by others, managed fields) is left alone, so a reconcile triggered by any NodeReport
+/// change writes nothing.
+pub fn differs(desired: &RuntimeClass, current: Option<&RuntimeClass>) -> bool {
+    let Some(current) = current else { return true };
+    desired.handler != current.handler
+        || desired.overhead != current.overhead
+        || desired.scheduling != current.scheduling
+        || desired.metadata.owner_references != current.metadata.owner_references
+}
+
+/// Server-side apply of the profile's RuntimeClass (forced: the controller owns these
+/// fields).
+pub async fn apply(ctx: &Context, rc: &RuntimeClass) -> Result<(), ControllerError> {
+    let name = rc
+        .metadata
+        .name
+        .clone()
+        .ok_or(ControllerError::Unnamed("RuntimeClass"))?;
+    let mut body = serde_json::to_value(rc).expect("RuntimeClass serializes");
     body["apiVersion"] = json!("node.k8s.io/v1");
     body["kind"] = json!("RuntimeClass");
     let pp = PatchParams::apply(CONTROLLER_FIELD_MANAGER).force();
     Api::<RuntimeClass>::all(ctx.client.clone())
-        .patch(&rc_name, &pp, &Patch::Apply(&body))
+        .patch(&name, &pp, &Patch::Apply(&body))
         .await?;
-    let recorded = p.status.as_ref().and_then(|s| s.runtime_class_name.as_deref());
-    if recorded != Some(rc_name.as_str()) {
-        let name = p
-            .meta()
-            .name
-            .clone()
-            .ok_or(ControllerError::Unnamed("RuntimeProfile"))?;
-        let status = json!({
-            "apiVersion": names::API_VERSION, "kind": "RuntimeProfile",
-            "metadata": {"name": name},
-            "status": {"runtimeClassName": rc_name},
-        });
-        Api::<RuntimeProfile>::all(ctx.client.clone())
-            .patch_status(&name, &pp, &Patch::Apply(&status))
-            .await?;
+    Ok(())
+}
+
+/// Deletes the RuntimeClass `name` if this profile (`owner_uid`) owns it: what is left when
+/// a profile switches `runtimeClass.create` off or renames its RuntimeClass. One someone
+/// else created under that name is not touched.
+pub async fn delete_owned(ctx: &Context, name: &str, owner_uid: &str) -> Result<(), ControllerError> {
+    let owned = ctx
+        .runtime_classes
+        .get(&ObjectRef::new(name))
+        .is_some_and(|rc| rc.owner_references().iter().any(|o| o.uid == owner_uid));
+    if !owned {
+        return Ok(());
     }
-    Ok(Action::await_change())
+    match Api::<RuntimeClass>::all(ctx.client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, StatusCode};
-    use std::time::Duration;
-
-    const APPLY: Option<&str> = Some("application/apply-patch+yaml");
-
-    #[tokio::test]
-    async fn profile_gets_owned_runtime_class_with_selector_and_overhead() {
-        let (ctx, mut server) = Context::test(vec![]);
-        let mut p = RuntimeProfile::test();
-        p.spec.node_selector.insert("pool".into(), "userns".into());
-        p.spec
-            .runtime_class
-            .overhead
-            .insert("memory".into(), "20Mi".into());
-        let scenario = tokio::spawn(async move {
-            let seen = server.next().await;
-            seen.expect(
-                Method::PATCH,
-                "/apis/node.k8s.io/v1/runtimeclasses/crun?&force=true&fieldManager=usernsguard-controller",
-                APPLY,
-            );
-            assert_eq!(
-                seen.body,
-                json!({
-                    "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-                    "metadata": {"name": "crun", "ownerReferences": [{
-                        "apiVersion": "usernsguard.io/v1alpha1", "kind": "RuntimeProfile",
-                        "name": "crun", "uid": "rtp-uid", "controller": true}]},
-                    "handler": "crun",
-                    "overhead": {"podFixed": {"memory": "20Mi"}},
-                    "scheduling": {"nodeSelector": {
-                        "pool": "userns",
-                        "usernsguard.io/runtime.crun": "installed",
-                        "usernsguard.io/userns.crun": "pass"}},
-                })
-            );
-            seen.echo();
-            let seen = server.next().await;
-            seen.expect(
-                Method::PATCH,
-                "/apis/usernsguard.io/v1alpha1/runtimeprofiles/crun/status?&force=true&fieldManager=usernsguard-controller",
-                APPLY,
-            );
-            assert_eq!(seen.body["status"], json!({"runtimeClassName": "crun"}));
-            let mut stored = serde_json::to_value(RuntimeProfile::test()).unwrap();
-            stored["status"] = json!({"runtimeClassName": "crun"});
-            seen.reply(StatusCode::OK, &stored);
-        });
-        reconcile_profile(Arc::new(p), ctx).await.unwrap();
-        crate::testing::finish(scenario, Duration::from_secs(1)).await;
-    }
 
     #[test]
     fn runtime_class_follows_profile_options() {
@@ -154,5 +119,25 @@ mod tests {
         assert!(rc.overhead.is_none());
         p.spec.runtime_class.create = false;
         assert!(desired_runtime_class(&p).is_none());
+    }
+
+    /// What others add (labels, managed fields) is no difference; what the profile decides is.
+    #[test]
+    fn only_the_fields_the_profile_decides_make_a_difference() {
+        let p = RuntimeProfile::test();
+        let desired = desired_runtime_class(&p).unwrap();
+        assert!(differs(&desired, None));
+        let mut current = desired.clone();
+        current.metadata.labels = Some([("team".to_owned(), "x".to_owned())].into());
+        current.metadata.resource_version = Some("9".into());
+        assert!(!differs(&desired, Some(&current)));
+        current.handler = "runc".into();
+        assert!(differs(&desired, Some(&current)));
+        let mut current = desired.clone();
+        current.scheduling = None;
+        assert!(
+            differs(&desired, Some(&current)),
+            "someone removed the node selector"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -16,7 +16,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use usernsguard_runtime::report::Verdict;
 
-use super::context::{Context, ControllerError};
+use super::context::{condition, Context, ControllerError};
 use crate::crd::names::{self, CONDITION_DEGRADED, CONDITION_READY, CONTROLLER_FIELD_MANAGER};
 use crate::crd::{HandlerNodeCounts, NodeCounts, NodeReport, SelfTest, SelfTestStatus};
 
@@ -166,28 +166,6 @@ pub fn desired_status(
         nodes: Some(nodes),
         handlers,
         last_run_time: last_run.map(Time),
-    }
-}
-
-fn condition(
-    old: &[Condition],
-    type_: &str,
-    (status, reason, message): (&str, &str, String),
-    generation: i64,
-    now: Timestamp,
-) -> Condition {
-    let since = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: Some(generation),
-        last_transition_time: since,
     }
 }
 

@@ -29,6 +29,17 @@ pub const CONDITION_DEGRADED: &str = "Degraded";
 /// Reason of the Warning Event on a Node whose handler started failing a SelfTest.
 pub const EVENT_SELFTEST_FAILED: &str = "UsernsSelfTestFailed";
 
+/// Reason of the Warning Event on a Node whose runtime install or uninstall failed.
+pub const EVENT_INSTALL_FAILED: &str = "RuntimeInstallFailed";
+/// Reason of the Normal Event on a Node whose runtime was installed (or changed).
+pub const EVENT_INSTALLED: &str = "RuntimeInstalled";
+/// Reason of the Normal Event on a Node whose runtime was uninstalled.
+pub const EVENT_UNINSTALLED: &str = "RuntimeUninstalled";
+
+/// Finalizer the controller puts on every RuntimeProfile: released once no NodeReport lists
+/// an install of it, so a deleted profile is uninstalled from every node first.
+pub const UNINSTALL_FINALIZER: &str = "usernsguard.io/uninstall";
+
 /// Handler names end up in node label keys (`usernsguard.io/runtime.<handler>` is the longer
 /// one): a label name is at most 63 characters, `runtime.` takes 8 of them.
 pub const HANDLER_MAX_LEN: usize = 55;

@@ -159,13 +159,22 @@ pub struct RuntimeInstallStatus {
     pub handler: String,
     /// Also the value of the `usernsguard.io/runtime.<handler>` node label.
     pub state: InstallState,
+    /// Why it is pending or failed, as a short code (`waiting_for_restart_slot`,
+    /// `restart_pending`, `sha256_mismatch`, `rolled_back`, ...): what alerts and dashboards
+    /// group by; `message` has the details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Version of the installed runtime binary, once it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The CRI runtime configuration file the handler is registered through (a path on the
+    /// node); an uninstall after the profile is gone uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cri_config: Option<String>,
     /// What happened, including the error text on failure.
     #[serde(default)]
     pub message: String,
-    /// Whether the CRI runtime had to be restarted or reloaded for this install.
+    /// Whether the CRI runtime had to be restarted for this install.
     #[serde(default)]
     pub cri_restarted: bool,
     /// When `state` last changed.

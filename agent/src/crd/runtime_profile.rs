@@ -69,6 +69,10 @@ pub struct RuntimeProfileSpec {
     /// The RuntimeClass usernsguard creates for the handler.
     #[serde(default)]
     pub runtime_class: RuntimeClassOptions,
+
+    /// How many nodes change at once.
+    #[serde(default)]
+    pub rollout: Rollout,
 }
 
 /// The OCI runtimes usernsguard knows how to install and probe.
@@ -118,23 +122,39 @@ pub struct BinarySource {
     pub path: String,
 }
 
-/// Which CRI runtime gets the handler and how its configuration is changed.
+/// Which CRI runtime gets the handler, where its configuration is, and how it is restarted.
+///
+/// How the handler is added follows from what is on the node (see `usernsguard install`):
+/// containerd gets a drop-in with the root config's schema version, in a directory the root
+/// config imports (or with an `imports` entry added); k3s and rke2 (a `configPath` under
+/// `/var/lib/rancher/`) get their `config.toml.tmpl`; CRI-O a `crio.conf.d` drop-in.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[x_kube(
-    validation = Rule::new("self.runtime == 'crio' ? self.configStyle in ['auto', 'drop-in'] : true")
-        .message("CRI-O is only configured through a crio.conf.d drop-in: configStyle must be auto or drop-in")
+    validation = Rule::new("self.restart == 'systemd' || !has(self.unit)")
+        .message("unit names the systemd unit to restart: it needs restart systemd")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CriTarget {
     #[serde(default)]
     pub runtime: CriRuntime,
-    #[serde(default)]
-    pub config_style: ConfigStyle,
-    /// Main configuration file, when not at the CRI runtime's default location
-    /// (`/etc/containerd/config.toml`, `/etc/crio/crio.conf`).
+    /// Main configuration file (a path on the node). Default: the one found on the node
+    /// for `runtime` (`/etc/containerd/config.toml`, k3s/rke2's rendered
+    /// `/var/lib/rancher/{k3s,rke2}/agent/etc/containerd/config.toml`, `/etc/crio/crio.conf`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^/"), length(max = 4096))]
     pub config_path: Option<String>,
+    /// How the CRI runtime picks up the changed configuration. `systemd`: the agent
+    /// restarts its unit through systemd (never SIGHUP), one budgeted node at a time (see
+    /// `rollout`), and checks that the handler is live; `none`: the operator restarts it, and
+    /// the node stays `pending` until the CRI runtime lists the handler.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// The systemd unit to restart, when not the CRI runtime's usual one (`containerd.service`,
+    /// `k3s.service`/`k3s-agent.service`, `rke2-server.service`/`rke2-agent.service`,
+    /// `crio.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9:_.@\\-]+$"))]
+    pub unit: Option<String>,
 }
 
 /// A CRI runtime.
@@ -146,23 +166,37 @@ pub enum CriRuntime {
     Crio,
 }
 
-/// How the handler is added to the CRI runtime's configuration.
+/// How the CRI runtime is restarted after its configuration changed.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum ConfigStyle {
-    /// Detected on the node: k3s/rke2 templates when present, otherwise a drop-in if the main
-    /// config imports its directory, otherwise an `imports` entry is added.
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
     #[default]
-    Auto,
-    /// A file in the directory the main config already imports (containerd `conf.d`,
-    /// CRI-O `crio.conf.d`); the main config is not touched.
-    DropIn,
-    /// containerd: write a drop-in and add it to the main config's `imports` list.
-    Imports,
-    /// k3s: extend `config.toml.tmpl` (or `config-v3.toml.tmpl`) next to the generated config.
-    K3sTemplate,
-    /// rke2: like k3s, under rke2's agent directory.
-    Rke2Template,
+    Systemd,
+    None,
+}
+
+/// How an install is rolled out across the cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// How many nodes may restart their CRI runtime for this profile at the same time
+    /// (each restart briefly stops pod starts on that node). Enforced with Leases
+    /// `usernsguard-restart-<profile>-<i>` in the agent's namespace.
+    #[serde(default = "default_max_concurrent_restarts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent_restarts: i32,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_concurrent_restarts: default_max_concurrent_restarts(),
+        }
+    }
+}
+
+fn default_max_concurrent_restarts() -> i32 {
+    1
 }
 
 /// The RuntimeClass owned by a RuntimeProfile.
@@ -233,6 +267,11 @@ pub struct InstallCounts {
     pub pending: i32,
     #[schemars(range(min = 0))]
     pub failed: i32,
+    /// Selected nodes whose agent has not reported this profile yet (no NodeReport, or no
+    /// entry for the current generation).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub not_reported: i32,
 }
 
 fn default_true() -> bool {

@@ -237,6 +237,11 @@ impl SelfTestSpec {
         self.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 
+    /// Whether this SelfTest probes `handler` (no list: every handler the node registers).
+    pub fn covers(&self, handler: &str) -> bool {
+        self.runtime_handlers.is_empty() || self.runtime_handlers.iter().any(|h| h == handler)
+    }
+
     /// Whether this SelfTest's results may set the node's verdict labels: it asks for them
     /// and runs every check (a verdict from some of the checks could pass a broken runc).
     pub fn decides_labels(&self) -> bool {

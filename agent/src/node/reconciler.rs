@@ -37,35 +37,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use usernsguard_runtime::report::{HandlerReport, SelfTestReport, Verdict};
 
+use super::error::bounded;
+pub use super::error::AgentError;
+use super::installs::Installs;
 use super::runner::{RunRequest, SelfTestRunner};
 use crate::crd::names::{self, AGENT_FIELD_MANAGER, USERNS_LABEL_PREFIX};
 use crate::crd::{
     parse_go_duration, CriRuntime, CriRuntimeInfo, NodeReport, NodeReportStatus, RuntimeHandlerInfo,
-    SelfTest, SelfTestProblem, SelfTestResult,
+    RuntimeProfile, SelfTest, SelfTestProblem, SelfTestResult,
 };
 use crate::metrics::Metrics;
-
-/// Why one sync did not finish; the loop retries with backoff and keeps its results.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("API request timed out after {0:?}: {1}")]
-    Timeout(Duration, &'static str),
-    #[error("self-test runner panicked: {0}")]
-    Runner(String),
-}
-
-impl AgentError {
-    /// Bounded label for a failure counter.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            AgentError::Kube(_) => "kube",
-            AgentError::Timeout(..) => "timeout",
-            AgentError::Runner(_) => "runner",
-        }
-    }
-}
 
 /// Static settings of one agent.
 #[derive(Debug, Clone)]
@@ -112,6 +93,10 @@ pub struct Agent {
     announced: BTreeSet<(String, String)>,
     /// Where each run's results go as `usernsguard_selftest_*` series.
     metrics: Option<Metrics>,
+    /// The RuntimeProfile installs on this node (None: the agent installs nothing).
+    installs: Option<Installs>,
+    /// Handlers installed since the last self-test sync: the SelfTests covering them run again.
+    rerun: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -141,6 +126,8 @@ impl Agent {
             report_owner: None,
             announced: BTreeSet::new(),
             metrics: None,
+            installs: None,
+            rerun: BTreeSet::new(),
         }
     }
 
@@ -153,6 +140,34 @@ impl Agent {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Also install the RuntimeProfiles that select this node ([`Installs`]).
+    pub fn with_installs(mut self, installs: Installs) -> Self {
+        self.installs = Some(installs);
+        self
+    }
+
+    /// Whether this agent installs RuntimeProfiles (and so watches them).
+    pub fn installs_runtimes(&self) -> bool {
+        self.installs.is_some()
+    }
+
+    /// One reconcile of the RuntimeProfiles against this node: installs and uninstalls, the
+    /// `usernsguard.io/runtime.*` labels; their NodeReport entries go out with the next
+    /// [`Agent::sync`], which also re-runs the self-tests of every handler installed here.
+    /// Returns how long until an install attempt is due.
+    pub async fn sync_installs(
+        &mut self,
+        profiles: &[Arc<RuntimeProfile>],
+        node: &PartialObjectMeta<Node>,
+    ) -> Result<Option<Duration>, AgentError> {
+        let Some(installs) = self.installs.as_mut() else {
+            return Ok(None);
+        };
+        let done = installs.sync(profiles, node, self.cfg.write_timeout).await?;
+        self.rerun.extend(done.installed);
+        Ok(done.due)
     }
 
     /// One reconcile of the whole node: run what is due, then publish what changed.
@@ -173,8 +188,10 @@ impl Agent {
         self.runs.retain(|name, _| names.contains(name));
         self.announced.retain(|(st, _)| names.contains(st));
 
+        let rerun = std::mem::take(&mut self.rerun);
         for st in &selected {
-            if self.due_in(st).is_some_and(|d| d.is_zero()) {
+            let covers_new_handler = rerun.iter().any(|h| st.spec.covers(h));
+            if covers_new_handler || self.due_in(st).is_some_and(|d| d.is_zero()) {
                 let report = self.run(st).await?;
                 if let Some(m) = &self.metrics {
                     m.observe_selftest(&report);
@@ -250,25 +267,9 @@ impl Agent {
         node: &PartialObjectMeta<Node>,
     ) -> Result<(), AgentError> {
         let desired = self.desired_labels(selected);
-        let current: BTreeMap<String, String> = node
-            .labels()
-            .iter()
-            .filter(|(k, _)| k.starts_with(USERNS_LABEL_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if desired == current {
+        let Some(patch) = super::labels::merge_patch(node.labels(), USERNS_LABEL_PREFIX, &desired) else {
             return Ok(());
-        }
-        let mut labels = serde_json::Map::new();
-        for k in current.keys().filter(|k| !desired.contains_key(*k)) {
-            labels.insert(k.clone(), Value::Null);
-        }
-        for (k, v) in &desired {
-            if current.get(k) != Some(v) {
-                labels.insert(k.clone(), Value::String(v.clone()));
-            }
-        }
-        let patch = json!({"metadata": {"labels": labels}});
+        };
         let api: Api<Node> = Api::all(self.client.clone());
         let pp = PatchParams {
             field_manager: Some(AGENT_FIELD_MANAGER.into()),
@@ -345,7 +346,7 @@ impl Agent {
             problems,
             summary,
             last_run_time: last.map(|(t, _)| Time(t)),
-            ..NodeReportStatus::default()
+            installs: self.installs.as_ref().map(Installs::statuses).unwrap_or_default(),
         }
     }
 
@@ -464,10 +465,7 @@ impl Agent {
         what: &'static str,
         fut: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, AgentError> {
-        match tokio::time::timeout(self.cfg.write_timeout, fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(AgentError::Timeout(self.cfg.write_timeout, what)),
-        }
+        bounded(self.cfg.write_timeout, what, fut).await
     }
 }
 
@@ -541,36 +539,51 @@ fn normalize(status: &NodeReportStatus) -> Value {
     v
 }
 
-/// The agent's main loop: watches, syncs on every change and when a run is due, retries
-/// failed syncs with exponential backoff. Flips `ready` to true after the first successful
-/// sync (and never back: the results stay valid while the API server is away). Never returns.
+/// The agent's main loop: watches, syncs on every change and when a run or an install
+/// attempt is due, retries failed syncs with exponential backoff. Flips `ready` to true after
+/// the first successful sync (and never back: the results stay valid while the API server is
+/// away). Never returns.
+///
+/// Installs and self-tests share the loop on purpose: a probe must not run while the CRI
+/// runtime restarts for an install, and a handler just installed is probed right after.
 pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
     let client = agent.client.clone();
     let node_name = agent.cfg.node_name.clone();
     let (st_store, st_writer) = reflector::store::<SelfTest>();
     let (node_store, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let (rtp_store, rtp_writer) = reflector::store::<RuntimeProfile>();
     let st_events = watcher(Api::<SelfTest>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(st_writer)
-        .map(|_| ());
+        .map(|_| false)
+        .boxed();
     let node_events = watcher(
         Api::<PartialObjectMeta<Node>>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     )
     .default_backoff()
     .reflect(node_writer)
-    .map(|_| false);
+    .map(|_| false)
+    .boxed();
     let mut presence = ReportPresence::default();
     let report_events = watcher(
-        Api::<PartialObjectMeta<NodeReport>>::all(client),
+        Api::<PartialObjectMeta<NodeReport>>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     )
     .default_backoff()
-    .map(move |ev| ev.is_ok_and(|ev| presence.gone_after(&ev)));
-    let mut changes = std::pin::pin!(futures::stream::select(
-        futures::stream::select(st_events.map(|_| false), node_events),
-        report_events,
-    ));
+    .map(move |ev| ev.is_ok_and(|ev| presence.gone_after(&ev)))
+    .boxed();
+    let installs = agent.installs_runtimes();
+    let rtp_events = if installs {
+        watcher(Api::<RuntimeProfile>::all(client), watcher::Config::default())
+            .default_backoff()
+            .reflect(rtp_writer)
+            .map(|_| false)
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    };
+    let mut changes = futures::stream::select_all([st_events, node_events, report_events, rtp_events]);
 
     let mut next: Option<Instant> = None;
     let mut backoff = agent.cfg.backoff_min;
@@ -587,15 +600,16 @@ pub async fn run(mut agent: Agent, ready: watch::Sender<bool>) {
             },
             _ = tokio::time::sleep_until(deadline) => {}
         }
-        if !(is_ready(&st_store) && is_ready(&node_store)) {
+        if !(is_ready(&st_store) && is_ready(&node_store) && (!installs || is_ready(&rtp_store))) {
             continue;
         }
         let Some(node) = node_store.get(&reflector::ObjectRef::new(&node_name)) else {
             tracing::warn!(node = %node_name, "own Node not found; is NODE_NAME right?");
             continue;
         };
-        let selftests = st_store.state();
-        match agent.sync(&selftests, &node).await {
+        let installed = agent.sync_installs(&rtp_store.state(), &node).await;
+        let tested = agent.sync(&st_store.state(), &node).await;
+        match installed.and_then(|a| tested.map(|b| [a, b].into_iter().flatten().min())) {
             Ok(due) => {
                 backoff = agent.cfg.backoff_min;
                 next = due.map(|d| Instant::now() + d);

@@ -297,6 +297,8 @@ pub struct AgentApi {
     /// When (after the server starts) the NodeReport is deleted: its watch then delivers
     /// `DELETED`, and a status write 404s until the object is applied again.
     pub report_deleted_after: Option<Duration>,
+    /// The RuntimeProfiles (for an agent that installs them).
+    pub profiles: Vec<crate::crd::RuntimeProfile>,
 }
 
 impl AgentApi {
@@ -310,14 +312,15 @@ impl AgentApi {
             pods: Vec::new(),
             write_failures: Vec::new(),
             report_deleted_after: None,
+            profiles: Vec::new(),
         }
     }
 }
 
 /// The agent's side of the API for whole-loop tests: answers lists and watches (kept open
-/// for their `timeoutSeconds`, no events) of SelfTests, the Node `n1`, its NodeReport, its
-/// pods, failure events and RuntimeClasses, and NodeReport applies and Events, as
-/// [`AgentApi`] says. Any other request fails the test.
+/// for their `timeoutSeconds`, no events) of SelfTests, RuntimeProfiles, the Node `n1`, its
+/// NodeReport, its pods, failure events and RuntimeClasses, and NodeReport reads and
+/// applies and Events, as [`AgentApi`] says. Any other request fails the test.
 pub async fn serve_agent_api(server: ApiServerVerifier, log: RequestLog, api: AgentApi) {
     use serde_json::json;
     let AgentApi {
@@ -326,6 +329,7 @@ pub async fn serve_agent_api(server: ApiServerVerifier, log: RequestLog, api: Ag
         pods,
         mut write_failures,
         report_deleted_after,
+        profiles,
     } = api;
     write_failures.reverse();
     let start = tokio::time::Instant::now();
@@ -376,6 +380,15 @@ pub async fn serve_agent_api(server: ApiServerVerifier, log: RequestLog, api: Ag
                         &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
                                 "metadata": {"resourceVersion": "100"}, "items": items}),
                     )
+                }
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/runtimeprofiles", false) => seen.reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "usernsguard.io/v1alpha1", "kind": "RuntimeProfileList",
+                            "metadata": {"resourceVersion": "100"}, "items": profiles}),
+                ),
+                // The install reconciler reads back what it installed before (once).
+                (Method::GET, "/apis/usernsguard.io/v1alpha1/nodereports/n1", false) => {
+                    seen.fail(StatusCode::NOT_FOUND, "NotFound")
                 }
                 (Method::GET, "/api/v1/nodes", false) => seen.reply(
                     StatusCode::OK,

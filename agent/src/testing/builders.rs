@@ -17,8 +17,8 @@ use usernsguard_runtime::{NodeFacts, Reason, SelinuxFacts, SelinuxMode};
 use super::api_server::{mock_client, ApiServerVerifier};
 use crate::controller::context::Context;
 use crate::crd::{
-    NodeReport, NodeReportSpec, NodeReportStatus, RuntimeProfile, RuntimeProfileSpec, SelfTest,
-    SelfTestResult, SelfTestSpec,
+    InstallState, NodeReport, NodeReportSpec, NodeReportStatus, RuntimeInstallStatus, RuntimeProfile,
+    RuntimeProfileSpec, SelfTest, SelfTestResult, SelfTestSpec,
 };
 
 impl SelfTest {
@@ -144,6 +144,31 @@ impl NodeReport {
         });
         nr
     }
+
+    /// Adds an install entry: `profile`'s handler `crun` at `generation` in `state`
+    /// (`reason` for pending and failed ones).
+    pub fn with_install(
+        mut self,
+        profile: &str,
+        generation: i64,
+        state: InstallState,
+        reason: Option<&str>,
+    ) -> Self {
+        let status = self.status.get_or_insert_with(NodeReportStatus::default);
+        status.installs.push(RuntimeInstallStatus {
+            runtime_profile: profile.into(),
+            generation,
+            handler: "crun".into(),
+            state,
+            reason: reason.map(str::to_owned),
+            version: None,
+            cri_config: Some("/etc/containerd/config.toml".into()),
+            message: String::new(),
+            cri_restarted: false,
+            last_transition_time: None,
+        });
+        self
+    }
 }
 
 impl RuntimeProfile {
@@ -158,6 +183,44 @@ impl RuntimeProfile {
         p.metadata.uid = Some("rtp-uid".into());
         p.metadata.generation = Some(1);
         p
+    }
+
+    /// Profile `name` registering `handler`.
+    pub fn named(mut self, name: &str, handler: &str) -> Self {
+        self.metadata.name = Some(name.into());
+        self.metadata.uid = Some(format!("{name}-uid"));
+        self.spec.handler = handler.into();
+        self
+    }
+
+    pub fn generation(mut self, g: i64) -> Self {
+        self.metadata.generation = Some(g);
+        self
+    }
+
+    pub fn selecting(mut self, key: &str, value: &str) -> Self {
+        self.spec.node_selector.insert(key.into(), value.into());
+        self
+    }
+
+    /// `cri.restart: none`: the operator restarts the CRI runtime.
+    pub fn restart_none(mut self) -> Self {
+        self.spec.cri.restart = crate::crd::RestartPolicy::None;
+        self
+    }
+
+    pub fn max_concurrent_restarts(mut self, n: i32) -> Self {
+        self.spec.rollout.max_concurrent_restarts = n;
+        self
+    }
+
+    /// Deleted, held by the uninstall finalizer.
+    pub fn deleting(mut self) -> Self {
+        self.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-30T12:00:00Z".parse().unwrap(),
+        ));
+        self.metadata.finalizers = Some(vec![crate::crd::names::UNINSTALL_FINALIZER.into()]);
+        self
     }
 }
 
@@ -196,6 +259,7 @@ impl Context {
             client,
             reports: store(reports),
             nodes: store(nodes),
+            runtime_classes: store(vec![]),
         };
         (Arc::new(ctx), server)
     }
