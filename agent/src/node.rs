@@ -148,11 +148,7 @@ mod tests {
         );
         let installs = Installs::new(
             client.clone(),
-            InstallsConfig {
-                node_name: "n1".into(),
-                namespace: "usernsguard".into(),
-                cri_socket: None,
-            },
+            InstallsConfig::new("n1", "usernsguard"),
             installer.clone(),
         );
         let agent = Agent::new(client, AgentConfig::new("n1"), runner.clone()).with_installs(installs);

@@ -78,9 +78,8 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<()> {
     let installs = Installs::new(
         client.clone(),
         InstallsConfig {
-            node_name: args.node_name.clone(),
-            namespace: args.namespace.clone(),
             cri_socket: args.cri_socket.clone(),
+            ..InstallsConfig::new(&args.node_name, &args.namespace)
         },
         Arc::new(installer),
     )

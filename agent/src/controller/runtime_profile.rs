@@ -129,7 +129,7 @@ pub fn desired_status(
     } else {
         nodes
             .iter()
-            .filter(|n| selects(p, n.labels()))
+            .filter(|n| p.spec.selects(n.labels()))
             .map(|n| (n.name_any(), entries.get(&n.name_any()).copied()))
             .collect()
     };
@@ -219,10 +219,6 @@ pub fn desired_status(
             runtime_class_name
         },
     }
-}
-
-fn selects(p: &RuntimeProfile, labels: &BTreeMap<String, String>) -> bool {
-    p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 fn list(mut names: Vec<String>) -> String {

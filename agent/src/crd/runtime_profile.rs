@@ -75,6 +75,14 @@ pub struct RuntimeProfileSpec {
     pub rollout: Rollout,
 }
 
+impl RuntimeProfileSpec {
+    /// A profile selects a node when every `nodeSelector` label matches (the agent installs
+    /// by it, the controller counts by it).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
 /// The OCI runtimes usernsguard knows how to install and probe.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "lowercase")]

@@ -57,8 +57,10 @@ pub const RESTART_PENDING_RETRY: Duration = Duration::from_secs(30);
 /// First and last retry delay after a failure that changed nothing.
 pub const BAD_INPUT_RETRY: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(1800));
 /// The reason of a profile left out because another one registers its handler on the node:
-/// it owns neither the handler's label nor its metric series.
-const HANDLER_CONFLICT: &str = "handler_conflict";
+/// it owns neither the handler's label nor its metric series, and has nothing to uninstall.
+/// Not `handler_conflict`: that is the installer's reason for a handler registered by a
+/// file it does not own, a real failure of this profile.
+const PROFILE_CONFLICT: &str = "profile_conflict";
 /// Retry delay after a failure that restarted the CRI runtime (twice, with the rollback).
 pub const ROLLED_BACK_RETRY: Duration = Duration::from_secs(3600);
 
@@ -70,6 +72,20 @@ pub struct InstallsConfig {
     pub namespace: String,
     /// The CRI socket (host path), when not the one the CRI configuration implies.
     pub cri_socket: Option<PathBuf>,
+    /// Limit of every API request (reads, Lease writes, labels, Events): a hung request
+    /// must not stall the node's loop, self-tests included.
+    pub write_timeout: Duration,
+}
+
+impl InstallsConfig {
+    pub fn new(node_name: &str, namespace: &str) -> Self {
+        InstallsConfig {
+            node_name: node_name.to_owned(),
+            namespace: namespace.to_owned(),
+            cri_socket: None,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// What one sync asks of the caller.
@@ -185,9 +201,12 @@ impl Installs {
         self
     }
 
-    /// The NodeReport's `status.installs`, sorted by profile.
-    pub fn statuses(&self) -> Vec<RuntimeInstallStatus> {
-        self.entries.values().map(|e| e.status.clone()).collect()
+    /// The NodeReport's `status.installs`, sorted by profile; `None` until the record of
+    /// earlier installs was read back, since publishing an empty list would erase it (the
+    /// report is written with server-side apply) and with it every later uninstall.
+    pub fn statuses(&self) -> Option<Vec<RuntimeInstallStatus>> {
+        self.seeded
+            .then(|| self.entries.values().map(|e| e.status.clone()).collect())
     }
 
     /// One reconcile of every profile against this node.
@@ -195,10 +214,9 @@ impl Installs {
         &mut self,
         profiles: &[Arc<RuntimeProfile>],
         node: &PartialObjectMeta<Node>,
-        write_timeout: Duration,
     ) -> Result<InstallSync, AgentError> {
-        if !self.seeded && !profiles.is_empty() {
-            self.seed(write_timeout).await?;
+        if !self.seeded {
+            self.seed().await?;
         }
         let (wanted, conflicts) = wanted(profiles, node);
         let mut out = InstallSync::default();
@@ -211,9 +229,12 @@ impl Installs {
             .collect();
         for name in gone {
             let profile = profiles.iter().find(|p| p.name_any() == name).cloned();
-            let handler = self.entries[&name].status.handler.clone();
-            if wanted.values().any(|p| p.spec.handler == handler) {
-                // Another profile now registers the same handler: it takes the install over.
+            let entry = &self.entries[&name];
+            if entry.status.reason.as_deref() == Some(PROFILE_CONFLICT)
+                || wanted.values().any(|p| p.spec.handler == entry.status.handler)
+            {
+                // It never installed (it lost its handler to another profile), or another
+                // profile now registers the same handler and takes the install over.
                 self.entries.remove(&name);
                 continue;
             }
@@ -229,7 +250,7 @@ impl Installs {
                 .find(|p| p.name_any() == *name)
                 .expect("from profiles");
             let attempt = Attempt::failed(
-                HANDLER_CONFLICT,
+                PROFILE_CONFLICT,
                 format!(
                     "RuntimeProfile {winner} registers the handler {} on this node as well; only {winner} is installed",
                     p.spec.handler
@@ -248,7 +269,7 @@ impl Installs {
             }
         }
 
-        self.publish_labels(node, write_timeout).await?;
+        self.publish_labels(node).await?;
         let now = Instant::now();
         out.due = self
             .entries
@@ -260,9 +281,14 @@ impl Installs {
     }
 
     /// Reads back which profiles this node had installed, from its own NodeReport.
-    async fn seed(&mut self, write_timeout: Duration) -> Result<(), AgentError> {
+    async fn seed(&mut self) -> Result<(), AgentError> {
         let api: Api<NodeReport> = Api::all(self.client.clone());
-        let report = bounded(write_timeout, "NodeReport read", api.get_opt(&self.cfg.node_name)).await?;
+        let report = bounded(
+            self.cfg.write_timeout,
+            "NodeReport read",
+            api.get_opt(&self.cfg.node_name),
+        )
+        .await?;
         for status in report
             .and_then(|r| r.status)
             .map(|s| s.installs)
@@ -305,25 +331,25 @@ impl Installs {
             .get(&p.name_any())
             .is_some_and(|e| e.status.state == InstallState::Installed);
         let prepared = blocking(move || {
-            let req = match request(installer.as_ref(), &profile, cri_socket) {
-                Ok(r) => r,
-                Err(a) => return (None, Err(a)),
-            };
+            let req = request(installer.as_ref(), &profile, cri_socket)?;
             let planned = installer.plan_install(&req);
             let live = match (&planned, &req.restart) {
                 (Ok(pl), RestartMode::None) if pl.noop && !already => Some(installer.live(&req)),
                 _ => None,
             };
-            (Some(req), Ok((planned, live)))
+            Ok::<_, Attempt>((req, planned, live))
         })
         .await?;
         let (req, planned, live) = match prepared {
-            (_, Err(attempt)) => {
+            Ok(prepared) => prepared,
+            Err(mut attempt) => {
+                // Bad input (a missing bundle, a failed download, no CRI config): backed off
+                // like any failure that changed nothing, so a broken URL is not fetched by
+                // every node every minute.
+                attempt.retry = Some(self.backoff(p));
                 self.record(p, attempt, None, node).await?;
                 return Ok(None);
             }
-            (Some(req), Ok((planned, live))) => (req, planned, live),
-            (None, Ok(_)) => unreachable!("a plan needs a request"),
         };
         let cri_config = Some(req.cri_config.display().to_string());
         let planned = match planned {
@@ -442,7 +468,7 @@ impl Installs {
             Ok(x) => x,
             Err(message) => {
                 return self
-                    .uninstall_failed(name, "uninstall_failed", message, node)
+                    .uninstall_failed(name, "uninstall_failed", ErrorClass::BadInput, message, node)
                     .await
             }
         };
@@ -481,7 +507,8 @@ impl Installs {
                     ErrorClass::RolledBack => "rolled_back",
                     ErrorClass::RollbackFailed => "rollback_failed",
                 };
-                self.uninstall_failed(name, reason, e.to_string(), node).await
+                self.uninstall_failed(name, reason, e.class(), e.to_string(), node)
+                    .await
             }
         }
     }
@@ -490,12 +517,17 @@ impl Installs {
         &mut self,
         name: &str,
         reason: &'static str,
+        class: ErrorClass,
         message: String,
         node: &PartialObjectMeta<Node>,
     ) -> Result<(), AgentError> {
         let entry = self.entries.get_mut(name).expect("entry exists");
         entry.failures += 1;
-        let retry = backoff_for(entry.failures);
+        // As for installs: an attempt that restarted the CRI runtime twice waits an hour.
+        let retry = match class {
+            ErrorClass::BadInput => backoff_for(entry.failures),
+            ErrorClass::RolledBack | ErrorClass::RollbackFailed => ROLLED_BACK_RETRY,
+        };
         entry.next_attempt = Some(Instant::now() + retry);
         let was_failed = entry.status.state == InstallState::Failed;
         entry.status.state = InstallState::Failed;
@@ -565,13 +597,15 @@ impl Installs {
             return Ok(Ok(None));
         }
         let max = p.spec.rollout.max_concurrent_restarts;
-        match self.budget.acquire(&p.name_any(), max, Timestamp::now()).await? {
+        let name = p.name_any();
+        let acquire = self.budget.acquire(&name, max, Timestamp::now());
+        match bounded(self.cfg.write_timeout, "restart slot", acquire).await? {
             Acquired::Slot(s) => Ok(Ok(Some(s))),
             Acquired::Busy { holders } => Ok(Err(Attempt::pending(
                 "waiting_for_restart_slot",
                 format!(
                     "waiting to restart the CRI runtime: {} of {max} restart slots are held (nodes: {})",
-                    holders.len().max(max as usize),
+                    max,
                     if holders.is_empty() {
                         "being taken".into()
                     } else {
@@ -586,7 +620,13 @@ impl Installs {
     /// Gives a slot back; a failure only delays the next node until the Lease expires.
     async fn release(&self, slot: Option<Slot>) {
         if let Some(s) = slot {
-            if let Err(e) = self.budget.release(&s).await {
+            if let Err(e) = bounded(
+                self.cfg.write_timeout,
+                "restart slot release",
+                self.budget.release(&s),
+            )
+            .await
+            {
                 tracing::warn!(lease = %s.name, error = %e, "could not release the restart slot; it frees itself when it expires");
             }
         }
@@ -641,7 +681,7 @@ impl Installs {
         if let Some(m) = self
             .metrics
             .as_ref()
-            .filter(|_| attempt.reason != Some(HANDLER_CONFLICT))
+            .filter(|_| attempt.reason != Some(PROFILE_CONFLICT))
         {
             m.set_install_state(&p.spec.handler, attempt.state);
         }
@@ -738,22 +778,19 @@ impl Installs {
         let mut reference = node.object_ref(&());
         reference.api_version = Some("v1".into());
         reference.kind = Some("Node".into());
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+        let publish = self.recorder.publish(&ev, &reference);
+        if let Err(e) = bounded(self.cfg.write_timeout, "Event", publish).await {
             tracing::warn!(error = %e, reason, "could not record an Event");
         }
     }
 
     /// JSON merge patch of the node's `usernsguard.io/runtime.*` labels: one per handler,
     /// stale ones removed.
-    async fn publish_labels(
-        &self,
-        node: &PartialObjectMeta<Node>,
-        write_timeout: Duration,
-    ) -> Result<(), AgentError> {
+    async fn publish_labels(&self, node: &PartialObjectMeta<Node>) -> Result<(), AgentError> {
         let desired: BTreeMap<String, String> = self
             .entries
             .values()
-            .filter(|e| e.status.reason.as_deref() != Some(HANDLER_CONFLICT))
+            .filter(|e| e.status.reason.as_deref() != Some(PROFILE_CONFLICT))
             .map(|e| {
                 (
                     names::runtime_label(&e.status.handler),
@@ -770,7 +807,7 @@ impl Installs {
             ..PatchParams::default()
         };
         bounded(
-            write_timeout,
+            self.cfg.write_timeout,
             "node labels",
             api.patch_metadata(&self.cfg.node_name, &pp, &Patch::Merge(&patch)),
         )
@@ -791,7 +828,7 @@ fn wanted<'a>(
     let mut selected: Vec<&RuntimeProfile> = profiles
         .iter()
         .map(|p| p.as_ref())
-        .filter(|p| p.meta().deletion_timestamp.is_none() && selects(p, node))
+        .filter(|p| p.meta().deletion_timestamp.is_none() && p.spec.selects(node.labels()))
         .collect();
     selected.sort_by_key(|p| p.name_any());
     for p in selected {
@@ -808,11 +845,6 @@ fn wanted<'a>(
     (wanted, conflicts)
 }
 
-fn selects(p: &RuntimeProfile, node: &PartialObjectMeta<Node>) -> bool {
-    let labels = node.labels();
-    p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
 /// The host installer's request for a profile (downloads a `Url` binary first).
 fn request(
     installer: &dyn Installer,
@@ -821,12 +853,12 @@ fn request(
 ) -> Result<InstallRequest, Attempt> {
     let binary = installer
         .source(p.spec.runtime, &p.spec.binary)
-        .map_err(|e| Attempt::failed(e.reason, e.message, Some(BAD_INPUT_RETRY.0)))?;
+        .map_err(|e| Attempt::failed(e.reason, e.message, None))?;
     let cri_config = match &p.spec.cri.config_path {
         Some(path) => PathBuf::from(path),
         None => installer
             .find_cri_config(p.spec.cri.runtime)
-            .map_err(|m| Attempt::failed("cri_config_not_found", m, Some(BAD_INPUT_RETRY.0)))?,
+            .map_err(|m| Attempt::failed("cri_config_not_found", m, None))?,
     };
     Ok(InstallRequest {
         handler: p.spec.handler.clone(),

@@ -165,7 +165,7 @@ impl Agent {
         let Some(installs) = self.installs.as_mut() else {
             return Ok(None);
         };
-        let done = installs.sync(profiles, node, self.cfg.write_timeout).await?;
+        let done = installs.sync(profiles, node).await?;
         self.rerun.extend(done.installed);
         Ok(done.due)
     }
@@ -346,7 +346,11 @@ impl Agent {
             problems,
             summary,
             last_run_time: last.map(|(t, _)| Time(t)),
-            installs: self.installs.as_ref().map(Installs::statuses).unwrap_or_default(),
+            installs: self
+                .installs
+                .as_ref()
+                .and_then(Installs::statuses)
+                .unwrap_or_default(),
         }
     }
 
@@ -358,6 +362,11 @@ impl Agent {
         selected: &[&SelfTest],
         node: &PartialObjectMeta<Node>,
     ) -> Result<(), AgentError> {
+        if self.installs.as_ref().is_some_and(|i| i.statuses().is_none()) {
+            // The installs on record are not read back yet (the read failed): a report
+            // without them would erase them. The next sync reads them and publishes.
+            return Ok(());
+        }
         let status = self.desired_status(selected);
         let normalized = normalize(&status);
         let owner = node.uid().unwrap_or_default();

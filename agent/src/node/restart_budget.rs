@@ -75,13 +75,22 @@ impl RestartBudget {
         format!("usernsguard-restart-{}-{}-{i}", &profile[..200], &digest[..16])
     }
 
-    /// Takes the first free slot of `max`: one this node already holds (an agent restarted
-    /// mid-restart gets its slot back), an unheld or expired one, or a new one.
+    /// Takes a slot of `max`: one this node already holds first (an agent restarted
+    /// mid-restart gets its own slot back instead of holding a second one until the first
+    /// expires), else the first unheld, expired or missing one. Reads every slot, then
+    /// writes one.
     pub async fn acquire(&self, profile: &str, max: i32, now: Timestamp) -> Result<Acquired, kube::Error> {
-        let mut holders = Vec::new();
+        let mut slots = Vec::new();
         for i in 0..max.max(1) {
             let name = Self::slot_name(profile, i);
-            let Some(mut lease) = self.api.get_opt(&name).await? else {
+            let lease = self.api.get_opt(&name).await?;
+            slots.push((name, lease));
+        }
+        // Stable: the index order stays among the rest.
+        slots.sort_by_key(|(_, lease)| holder(lease.as_ref()) != Some(self.holder.as_str()));
+        let mut holders = Vec::new();
+        for (name, lease) in slots {
+            let Some(mut lease) = lease else {
                 match self
                     .api
                     .create(&PostParams::default(), &self.new_lease(&name, now))
@@ -92,18 +101,18 @@ impl RestartBudget {
                     Err(e) => return Err(e),
                 }
             };
+            let held_by = holder(Some(&lease)).map(str::to_owned);
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-            let free = match &holder {
+            let free = match &held_by {
                 None => true,
                 Some(h) if *h == self.holder => true,
                 Some(_) => expired(spec, now),
             };
             if !free {
-                holders.extend(holder);
+                holders.extend(held_by);
                 continue;
             }
-            if holder.as_deref() != Some(self.holder.as_str()) {
+            if held_by.as_deref() != Some(self.holder.as_str()) {
                 spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
                 spec.acquire_time = Some(MicroTime(now));
             }
@@ -163,6 +172,14 @@ impl RestartBudget {
     }
 }
 
+/// Who holds the slot, if anyone.
+fn holder(lease: Option<&Lease>) -> Option<&str> {
+    lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
 /// A holder that has not renewed within its duration is gone. A Lease without a renew
 /// time or duration was not written by an agent that meant to keep it.
 fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
@@ -209,6 +226,9 @@ mod tests {
         let task = tokio::spawn(async move { b.acquire("crun", 2, now()).await.unwrap() });
         let seen = server.next().await;
         seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-0"), None);
+        seen.fail(StatusCode::NOT_FOUND, "NotFound");
+        let seen = server.next().await;
+        seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-1"), None);
         seen.fail(StatusCode::NOT_FOUND, "NotFound");
         let seen = server.next().await;
         seen.expect(Method::POST, &format!("{LEASES}?"), Some("application/json"));
@@ -303,7 +323,8 @@ mod tests {
         );
     }
 
-    /// Two nodes read the same free slot; the other one's replace landed first.
+    /// Two nodes read the same free slot; the other one's replace landed first: the next
+    /// slot (missing) is created.
     #[tokio::test]
     async fn losing_the_replace_race_moves_on_to_the_next_slot() {
         let (b, mut server) = budget();
@@ -314,10 +335,40 @@ mod tests {
             &lease("usernsguard-restart-crun-0", None, "2026-11-30T11:00:00Z", "10"),
         );
         let seen = server.next().await;
-        assert_eq!(seen.method, Method::PUT);
+        seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-1"), None);
+        seen.fail(StatusCode::NOT_FOUND, "NotFound");
+        let seen = server.next().await;
+        seen.expect(
+            Method::PUT,
+            &format!("{LEASES}/usernsguard-restart-crun-0?"),
+            Some("application/json"),
+        );
         seen.fail(StatusCode::CONFLICT, "Conflict");
         let seen = server.next().await;
-        seen.expect(Method::GET, &format!("{LEASES}/usernsguard-restart-crun-1"), None);
+        seen.expect(Method::POST, &format!("{LEASES}?"), Some("application/json"));
+        assert_eq!(seen.body["metadata"]["name"], "usernsguard-restart-crun-1");
+        seen.echo();
+        assert_eq!(
+            task.await.unwrap(),
+            Acquired::Slot(Slot {
+                name: "usernsguard-restart-crun-1".into()
+            })
+        );
+    }
+
+    /// Slot 0 is free, but slot 1 is still held by this very node (its agent restarted
+    /// mid-restart): it takes slot 1 back, with no new transition, and leaves slot 0 to
+    /// the others.
+    #[tokio::test]
+    async fn a_slot_this_node_holds_is_taken_back_before_a_free_one() {
+        let (b, mut server) = budget();
+        let task = tokio::spawn(async move { b.acquire("crun", 2, now()).await.unwrap() });
+        let seen = server.next().await;
+        seen.reply(
+            StatusCode::OK,
+            &lease("usernsguard-restart-crun-0", None, "2026-11-30T11:00:00Z", "10"),
+        );
+        let seen = server.next().await;
         seen.reply(
             StatusCode::OK,
             &lease(
@@ -327,13 +378,13 @@ mod tests {
                 "12",
             ),
         );
-        // Held by this very node (an agent restarted mid-restart): taken back.
         let seen = server.next().await;
         seen.expect(
             Method::PUT,
             &format!("{LEASES}/usernsguard-restart-crun-1?"),
             Some("application/json"),
         );
+        assert_eq!(seen.body["metadata"]["resourceVersion"], "12");
         assert_eq!(seen.body["spec"]["leaseTransitions"], 3, "no new transition");
         seen.echo();
         assert_eq!(
@@ -342,6 +393,7 @@ mod tests {
                 name: "usernsguard-restart-crun-1".into()
             })
         );
+        server.assert_quiet(Duration::from_millis(50)).await;
     }
 
     #[tokio::test]

@@ -11,16 +11,11 @@ const REPORT: &str = "/apis/usernsguard.io/v1alpha1/nodereports/n1";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/usernsguard/leases";
 const LABELS: &str = "/api/v1/nodes/n1?&fieldManager=usernsguard-agent";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events?";
-const T: Duration = Duration::from_secs(5);
 
 fn installs(fake: Arc<FakeInstaller>) -> (Installs, ApiServerVerifier, Metrics) {
     let (client, server) = mock_client();
     let metrics = Metrics::new("n1").unwrap();
-    let cfg = InstallsConfig {
-        node_name: "n1".into(),
-        namespace: "usernsguard".into(),
-        cri_socket: None,
-    };
+    let cfg = InstallsConfig::new("n1", "usernsguard");
     let i = Installs::new(client, cfg, fake).with_metrics(metrics.clone());
     (i, server, metrics)
 }
@@ -36,7 +31,7 @@ fn sync(
     node: PartialObjectMeta<Node>,
 ) -> tokio::task::JoinHandle<(Installs, InstallSync)> {
     tokio::spawn(async move {
-        let out = i.sync(&ps, &node, T).await.expect("sync");
+        let out = i.sync(&ps, &node).await.expect("sync");
         (i, out)
     })
 }
@@ -159,7 +154,7 @@ async fn installs_a_selected_profile_within_the_restart_budget() {
         Some(Path::new("/usr/local/bin/crun"))
     );
     assert_eq!(req.restart, RestartMode::Systemd { unit: None });
-    let st = &i.statuses()[0];
+    let st = &i.statuses().unwrap()[0];
     assert_eq!(
         (
             st.runtime_profile.as_str(),
@@ -184,7 +179,7 @@ async fn installs_a_selected_profile_within_the_restart_budget() {
     let node = node_meta("n1", [("usernsguard.io/runtime.crun", "installed")]);
     let mut i = i;
     // Not due: nothing is planned, nothing sent.
-    let out = i.sync(&ps, &node, T).await.unwrap();
+    let out = i.sync(&ps, &node).await.unwrap();
     assert!(out.installed.is_empty());
     server.assert_quiet(Duration::from_millis(50)).await;
     assert_eq!(
@@ -211,7 +206,7 @@ async fn waits_pending_while_the_restart_budget_is_used_up() {
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "pending"})).await;
     let (i, out) = task.await.unwrap();
     assert!(fake.changes().is_empty(), "installed without a slot");
-    let st = &i.statuses()[0];
+    let st = &i.statuses().unwrap()[0];
     assert_eq!(st.state, InstallState::Pending);
     assert_eq!(st.reason.as_deref(), Some("waiting_for_restart_slot"));
     assert!(st.message.contains("n7"), "{}", st.message);
@@ -242,7 +237,7 @@ async fn waits_pending_while_the_restart_budget_is_used_up() {
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "installed"})).await;
     let (i, out) = task.await.unwrap();
     assert_eq!(out.installed, ["crun"]);
-    assert_eq!(i.statuses()[0].state, InstallState::Installed);
+    assert_eq!(i.statuses().unwrap()[0].state, InstallState::Installed);
     assert_eq!(fake.changes(), ["install crun"]);
 }
 
@@ -266,7 +261,7 @@ async fn bad_input_fails_once_loudly_and_retries_with_backoff() {
     assert!(note.contains("does not have the sha256 given"), "{note}");
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     let (i, out) = task.await.unwrap();
-    let st = &i.statuses()[0];
+    let st = &i.statuses().unwrap()[0];
     assert_eq!(
         (st.state, st.reason.as_deref()),
         (InstallState::Failed, Some("sha256_mismatch"))
@@ -290,7 +285,7 @@ async fn bad_input_fails_once_loudly_and_retries_with_backoff() {
     expect_event(&mut server, "Normal", "RuntimeInstalled").await;
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "installed"})).await;
     let (i, _) = task.await.unwrap();
-    assert_eq!(i.statuses()[0].reason, None);
+    assert_eq!(i.statuses().unwrap()[0].reason, None);
 }
 
 /// The CRI runtime did not come back: the installer rolled back (restarting it again). That
@@ -319,7 +314,7 @@ async fn a_rolled_back_install_is_not_retried_for_an_hour() {
     );
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     let (i, out) = task.await.unwrap();
-    assert_eq!(i.statuses()[0].reason.as_deref(), Some("rolled_back"));
+    assert_eq!(i.statuses().unwrap()[0].reason.as_deref(), Some("rolled_back"));
     assert_eq!(out.due, Some(ROLLED_BACK_RETRY));
     assert_eq!(restarts_metric(&metrics, "failure").as_deref(), Some("1"));
     assert_eq!(restarts_metric(&metrics, "success"), None);
@@ -336,7 +331,7 @@ async fn a_rolled_back_install_is_not_retried_for_an_hour() {
     expect_event(&mut server, "Normal", "RuntimeInstalled").await;
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "installed"})).await;
     let (i, _) = task.await.unwrap();
-    assert_eq!(i.statuses()[0].generation, 2);
+    assert_eq!(i.statuses().unwrap()[0].generation, 2);
 }
 
 /// What the API server answers to a status apply: the stored object.
@@ -388,7 +383,7 @@ async fn a_profile_that_no_longer_selects_the_node_is_uninstalled_after_an_agent
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": null})).await;
     let (i, out) = task.await.unwrap();
     assert_eq!(fake.changes(), ["uninstall crun"]);
-    assert!(i.statuses().is_empty());
+    assert!(i.statuses().unwrap().is_empty());
     assert_eq!(out.due, None);
     assert_eq!(
         state_metric(&metrics, "crun", "installed"),
@@ -428,7 +423,7 @@ async fn a_deleted_profile_is_uninstalled_and_a_failed_uninstall_keeps_its_entry
     );
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "failed"})).await;
     (i, _) = task.await.unwrap();
-    let st = &i.statuses()[0];
+    let st = &i.statuses().unwrap()[0];
     assert_eq!(
         (st.state, st.reason.as_deref()),
         (InstallState::Failed, Some("uninstall_failed"))
@@ -443,7 +438,7 @@ async fn a_deleted_profile_is_uninstalled_and_a_failed_uninstall_keeps_its_entry
     expect_event(&mut server, "Normal", "RuntimeUninstalled").await;
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": null})).await;
     (i, _) = task.await.unwrap();
-    assert!(i.statuses().is_empty());
+    assert!(i.statuses().unwrap().is_empty());
     assert_eq!(
         fake.changes(),
         ["install crun", "uninstall crun", "uninstall crun"]
@@ -461,7 +456,7 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
     no_report(&mut server).await;
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "pending"})).await;
     let (i, out) = task.await.unwrap();
-    let st = &i.statuses()[0];
+    let st = &i.statuses().unwrap()[0];
     assert_eq!(
         (st.state, st.reason.as_deref()),
         (InstallState::Pending, Some("restart_pending"))
@@ -479,7 +474,7 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
     tokio::time::advance(RESTART_PENDING_RETRY).await;
     let pending = node_meta("n1", [("usernsguard.io/runtime.crun", "pending")]);
     let (i, _) = sync(i, ps.clone(), pending.clone()).await.unwrap();
-    assert_eq!(i.statuses()[0].state, InstallState::Pending);
+    assert_eq!(i.statuses().unwrap()[0].state, InstallState::Pending);
     server.assert_quiet(Duration::from_millis(50)).await;
 
     fake.state.lock().unwrap().live = true;
@@ -489,7 +484,7 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
     expect_labels(&mut server, json!({"usernsguard.io/runtime.crun": "installed"})).await;
     let (i, out) = task.await.unwrap();
     assert_eq!(out.installed, ["crun"], "the self-tests re-run once it is live");
-    assert_eq!(i.statuses()[0].state, InstallState::Installed);
+    assert_eq!(i.statuses().unwrap()[0].state, InstallState::Installed);
     assert_eq!(state_metric(&metrics, "crun", "installed").as_deref(), Some("1"));
     let calls = fake.state.lock().unwrap().calls.clone();
     assert_eq!(
@@ -500,7 +495,7 @@ async fn restart_mode_none_stays_pending_until_the_cri_runtime_serves_the_handle
 }
 
 /// Two profiles register the same handler on this node: the first by name is installed, the
-/// other reported failed (handler_conflict) without touching the host.
+/// other reported failed (profile_conflict) without touching the host.
 #[tokio::test]
 async fn two_profiles_with_one_handler_install_only_the_first() {
     let fake = FakeInstaller::new();
@@ -524,6 +519,7 @@ async fn two_profiles_with_one_handler_install_only_the_first() {
     assert_eq!(fake.changes(), ["install crun"]);
     let states: Vec<_> = i
         .statuses()
+        .unwrap()
         .iter()
         .map(|s| (s.runtime_profile.clone(), s.state, s.reason.clone()))
         .collect();
@@ -534,7 +530,7 @@ async fn two_profiles_with_one_handler_install_only_the_first() {
             (
                 "b-crun".to_owned(),
                 InstallState::Failed,
-                Some("handler_conflict".to_owned())
+                Some("profile_conflict".to_owned())
             ),
         ]
     );
@@ -559,7 +555,7 @@ async fn a_profile_already_in_place_needs_no_slot_and_no_install() {
     let (i, out) = task.await.unwrap();
     server.assert_quiet(Duration::from_millis(50)).await;
     assert_eq!(fake.state.lock().unwrap().calls, ["plan_install crun"]);
-    assert_eq!(i.statuses()[0].state, InstallState::Installed);
+    assert_eq!(i.statuses().unwrap()[0].state, InstallState::Installed);
     assert!(out.installed.is_empty(), "nothing changed: no self-test re-run");
 }
 
@@ -570,11 +566,7 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
     let fake = FakeInstaller::new();
     let runner = FakeRunner::with([("crun", Verdict::Pass)]);
     let (client, mut server) = mock_client();
-    let cfg = InstallsConfig {
-        node_name: "n1".into(),
-        namespace: "usernsguard".into(),
-        cri_socket: None,
-    };
+    let cfg = InstallsConfig::new("n1", "usernsguard");
     let mut agent = Agent::new(client.clone(), AgentConfig::new("n1"), runner.clone())
         .with_installs(Installs::new(client, cfg, fake.clone()));
     let st = Arc::new(
@@ -583,11 +575,20 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
             .interval("6h"),
     );
     let node = node_meta("n1", [("usernsguard.io/userns.crun", "pass")]);
-    // The SelfTest ran once already, before the profile existed.
+    // The SelfTest ran once already, before the profile existed. The first read of the
+    // installs on record fails: the report is not written (it would erase them) until a
+    // later read succeeds.
     let task = tokio::spawn(async move {
+        assert!(agent.sync_installs(&[], &node).await.is_err());
+        agent.sync(std::slice::from_ref(&st), &node).await.unwrap();
+        agent.sync_installs(&[], &node).await.unwrap();
         agent.sync(std::slice::from_ref(&st), &node).await.unwrap();
         (agent, st, node)
     });
+    let seen = server.next().await;
+    seen.expect(Method::GET, REPORT, None);
+    seen.fail(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
+    no_report(&mut server).await;
     let seen = server.next().await; // NodeReport object
     seen.echo();
     let seen = server.next().await; // NodeReport status
@@ -609,7 +610,6 @@ async fn the_node_reconciler_reruns_self_tests_after_an_install_and_reports_it()
         agent.sync(std::slice::from_ref(&st), &node).await.unwrap();
         agent
     });
-    no_report(&mut server).await;
     grant_new_slot(&mut server, "usernsguard-restart-crun-0").await;
     expect_release(&mut server, "usernsguard-restart-crun-0").await;
     expect_event(&mut server, "Normal", "RuntimeInstalled").await;
