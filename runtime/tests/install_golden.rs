@@ -192,3 +192,78 @@ fn golden_configs_install_reinstall_uninstall() {
     }
     assert!(ran >= 15, "only {ran} cases");
 }
+
+/// Edits made to a config after an install are the operator's (or another handler's): a
+/// later re-plan does not adopt them as usernsguard's, so each uninstall takes out only its
+/// own handler and keeps them, and the default `runc` that the first install declared
+/// stays while the second handler still needs it.
+#[test]
+fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
+    require_root();
+    let src_dir = tempfile::tempdir().unwrap();
+    let binary = src_dir.path().join("runc");
+    write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
+    let host_dir = tempfile::tempdir().unwrap();
+    let config = host_dir.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(host_dir.path().join("proc")).unwrap();
+    std::fs::write(&config, "version = 2\n# site settings\n").unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let host = HostRoot::at(host_dir.path()).unwrap();
+    let req = |handler: &str| InstallRequest {
+        handler: handler.into(),
+        binary: BinarySource::Local(binary.clone()),
+        install_path: None,
+        sha256: None,
+        cri_config: "/etc/containerd/config.toml".into(),
+        restart: RestartMode::None,
+        cri_socket: None,
+    };
+    let un = |handler: &str| UninstallRequest {
+        handler: handler.into(),
+        cri_config: "/etc/containerd/config.toml".into(),
+        restart: RestartMode::None,
+        cri_socket: None,
+    };
+    let runtimes = || {
+        let text = std::fs::read_to_string(&config).unwrap();
+        usernsguard_runtime::install::edit::containerd_runtimes(
+            &text,
+            Path::new("config.toml"),
+            usernsguard_runtime::install::edit::SchemaVersion::V2,
+        )
+        .unwrap()
+    };
+
+    Installer::new(host.clone()).install(&req("h1")).unwrap();
+    assert_eq!(runtimes(), ["runc", "h1"]);
+    // The copy kept for the uninstall is as private as the config (it may hold credentials).
+    let original = host_dir.path().join("var/lib/usernsguard/install/h1/original");
+    let copies: Vec<_> = std::fs::read_dir(&original).unwrap().flatten().collect();
+    assert_eq!(copies.len(), 1);
+    for c in copies {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&c.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{}", c.path().display());
+    }
+    // The operator edits the file; the agent's periodic re-plan finds nothing to do.
+    let edited = std::fs::read_to_string(&config).unwrap() + "\n# operator: keep this\n";
+    std::fs::write(&config, &edited).unwrap();
+    assert!(Installer::new(host.clone())
+        .plan_install(&req("h1"))
+        .unwrap()
+        .is_noop());
+    Installer::new(host.clone()).install(&req("h1")).unwrap();
+    Installer::new(host.clone()).install(&req("h2")).unwrap();
+    assert_eq!(runtimes(), ["runc", "h1", "h2"]);
+
+    Installer::new(host.clone()).uninstall(&un("h1")).unwrap();
+    assert_eq!(runtimes(), ["runc", "h2"], "h2 still relies on the declared runc");
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("# operator: keep this"));
+    Installer::new(host.clone()).uninstall(&un("h2")).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("# operator: keep this"), "{text}");
+    assert!(text.starts_with("version = 2\n# site settings\n"), "{text}");
+    assert_eq!(runtimes(), Vec::<String>::new(), "{text}");
+}

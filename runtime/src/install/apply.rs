@@ -386,7 +386,10 @@ pub fn apply(
                 }
                 if let Some(f) = plan.files.iter().find(|f| f.path == rec.path) {
                     let bytes = f.before.clone().unwrap_or_default();
-                    fs.write_atomic(&path, &bytes, None, false)
+                    // A copy is as private as its file (a config may hold registry
+                    // credentials at 0600).
+                    let meta = fs.meta(&f.path);
+                    fs.write_atomic(&path, &bytes, meta, false)
                         .map_err(state_err(&path))?;
                 }
             }
@@ -397,7 +400,8 @@ pub fn apply(
                 Some(bytes) => {
                     let name = Store::backup_name("journal", &f.path);
                     let path = handler_dir.join(&name);
-                    fs.write_atomic(&path, bytes, None, false)
+                    let meta = fs.meta(&f.path);
+                    fs.write_atomic(&path, bytes, meta, false)
                         .map_err(state_err(&path))?;
                     Original::Saved {
                         backup: name,

@@ -302,6 +302,10 @@ fn set_keeping_decor(t: &mut Table, key: &str, v: Value) {
     }
 }
 
+/// Starts the comment on a default runtime declared by [`add_runtime`]: how an uninstall
+/// tells it from one the operator declared, whichever handler's install added it.
+const DEFAULT_RUNTIME_MARKER: &str = "# usernsguard: containerd's built-in default runtime";
+
 /// A version 2 root config with the handler registered in it (see the module docs for why
 /// not in a drop-in): its tables are appended to the file, marked with a comment;
 /// a table of this handler already there (usernsguard's own, from an earlier install) gets
@@ -343,7 +347,7 @@ pub fn add_runtime(
     if let (true, Some(name)) = (default_missing, declare_default) {
         let mut rt = Table::new();
         rt.decor_mut().set_prefix(format!(
-            "\n# usernsguard: containerd's built-in default runtime \"{name}\", which containerd 1.x drops \
+            "\n{DEFAULT_RUNTIME_MARKER} \"{name}\", which containerd 1.x drops \
              once a config declares any runtime. Added by `usernsguard install` with \"{}\"; \
              `usernsguard uninstall` removes it.\n",
             spec.handler
@@ -443,9 +447,28 @@ pub fn remove_runtime(
     else {
         return Ok(root.to_owned());
     };
-    let mut removed = false;
-    for name in std::iter::once(handler).chain(also.iter().map(String::as_str)) {
-        removed |= runtimes.remove(name).is_some();
+    let mut removed = runtimes.remove(handler).is_some();
+    // The default `runc` usernsguard declared (containerd 1.x needs it once a runtimes table
+    // exists), with this handler or with another one, stays while any other runtime is left
+    // (another handler's install, or the operator's, relies on it) and goes with the last.
+    let declared_by_us = |name: &str, item: &Item| {
+        also.iter().any(|a| a == name)
+            || item.as_table().is_some_and(|t| {
+                t.decor()
+                    .prefix()
+                    .and_then(|p| p.as_str())
+                    .is_some_and(|p| p.contains(DEFAULT_RUNTIME_MARKER))
+            })
+    };
+    let ours: Vec<String> = runtimes
+        .iter()
+        .filter(|(name, item)| declared_by_us(name, item))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    if ours.len() == runtimes.len() {
+        for name in ours {
+            removed |= runtimes.remove(&name).is_some();
+        }
     }
     Ok(if removed { doc.to_string() } else { root.to_owned() })
 }

@@ -254,7 +254,15 @@ pub fn install(fs: &HostFs<'_>, store: &Store, req: &InstallRequest) -> Result<P
     for f in &config.changes {
         let written = sha256_hex(f.after.as_deref().unwrap_or_default());
         match after.files.iter_mut().find(|r| r.path == f.path) {
-            Some(r) => r.written_sha256 = written,
+            // Only a file still as the last run left it is restored whole at uninstall;
+            // one edited since (by the operator, or another handler's install) keeps the
+            // old hash, so uninstall takes out only this handler's part and keeps theirs.
+            Some(r) => {
+                let ours = f.before.as_deref().map(sha256_hex).as_deref() == Some(r.written_sha256.as_str());
+                if f.changes() && ours {
+                    r.written_sha256 = written;
+                }
+            }
             None => after.files.push(FileRecord {
                 path: f.path.clone(),
                 original: match &f.before {

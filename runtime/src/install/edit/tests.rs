@@ -228,4 +228,11 @@ fn containerd_1_x_s_default_runtime_is_declared_with_the_handler_when_no_file_do
         Vec::<String>::new()
     );
     assert!(removed.contains("/opt/cni/bin"), "{removed}");
+    // A second handler installed after it relies on that runc: it stays.
+    let two = add_runtime(&edited, p, SchemaVersion::V2, &spec("h2"), Some("runc")).unwrap();
+    let one = remove_runtime(&two, p, SchemaVersion::V2, "h", &["runc".into()]).unwrap();
+    assert_eq!(
+        containerd_runtimes(&one, p, SchemaVersion::V2).unwrap(),
+        ["runc", "h2"]
+    );
 }
