@@ -21,6 +21,7 @@ pub mod runtime_profile;
 pub mod selftest_status;
 pub mod uninstall;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::utils::{predicates, PredicateConfig};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client};
@@ -38,24 +39,40 @@ use context::{error_policy, Context};
 use runtime_profile::reconcile_profile;
 use selftest_status::reconcile_selftest;
 
-/// Quiet period before a SelfTest or RuntimeProfile is re-aggregated after a NodeReport change.
+/// At most one re-aggregation of every SelfTest and RuntimeProfile per this period while
+/// NodeReports or node labels change.
 pub const STATUS_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// Runs both controllers until the future is dropped (the leader elector drops it when the
 /// Lease is lost).
 pub async fn run(client: Client) {
-    // NodeReport and Node label changes re-queue every profile as well: a one-slot channel
-    // per source, so a burst becomes one trigger (the controller de-duplicates the rest).
-    let (mut report_tx, report_rx) = futures::channel::mpsc::channel::<()>(1);
-    let (mut node_tx, node_rx) = futures::channel::mpsc::channel::<()>(1);
+    // Any NodeReport or Node label change may move any SelfTest's or profile's counts (a node
+    // that stopped being selected disappears from the report, so the new object alone cannot
+    // say which ones it left): each re-queues all of them, through a one-slot channel per
+    // controller, so a burst becomes one trigger, throttled (see `throttled`). The first
+    // complete list of each kind triggers nothing: both controllers reconcile everything at
+    // start, once the stores are ready.
+    let (st_tx, st_rx) = futures::channel::mpsc::channel::<()>(1);
+    let (rp_tx, rp_rx) = futures::channel::mpsc::channel::<()>(1);
+    let trigger = move |listed: Arc<AtomicBool>| {
+        let (mut st_tx, mut rp_tx) = (st_tx.clone(), rp_tx.clone());
+        move || {
+            if listed.load(Ordering::Relaxed) {
+                let _ = st_tx.try_send(());
+                let _ = rp_tx.try_send(());
+            }
+        }
+    };
+    let (reports_listed, nodes_listed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (mut report_changed, mut node_changed) =
+        (trigger(reports_listed.clone()), trigger(nodes_listed.clone()));
     let (reports, writer) = reflector::store::<NodeReport>();
     let report_events = watcher(Api::<NodeReport>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect(move |ev| mark_listed(ev, &reports_listed))
         .touched_objects()
-        .inspect(move |_| {
-            let _ = report_tx.try_send(());
-        });
+        .inspect(move |_| report_changed());
     let (nodes, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
     // Only label changes move a node in or out of a selection; the kubelet's status updates
     // reach the metadata watch too and are dropped here.
@@ -65,11 +82,10 @@ pub async fn run(client: Client) {
     )
     .default_backoff()
     .reflect(node_writer)
+    .inspect(move |ev| mark_listed(ev, &nodes_listed))
     .touched_objects()
     .predicate_filter(predicates::labels, PredicateConfig::default())
-    .inspect(move |_| {
-        let _ = node_tx.try_send(());
-    });
+    .inspect(move |_| node_changed());
     let (runtime_classes, rc_writer) = reflector::store::<RuntimeClass>();
     let rc_events = watcher(
         Api::<RuntimeClass>::all(client.clone()),
@@ -84,40 +100,37 @@ pub async fn run(client: Client) {
         nodes,
         runtime_classes,
     });
-    let selftests = Controller::new(Api::<SelfTest>::all(client.clone()), watcher::Config::default());
-    let st_store = selftests.store();
-    let selftests = selftests
-        // A new generation makes every node report within the same minute; debouncing folds
-        // that burst into a few status writes per SelfTest instead of one per NodeReport.
-        .with_config(kube::runtime::controller::Config::default().debounce(STATUS_DEBOUNCE))
-        // Any NodeReport change may move any SelfTest's counts (a node that stopped being
-        // selected disappears from the report, so the new object alone cannot say which
-        // SelfTests it left): re-queue all of them; the queue de-duplicates.
-        .watches_stream(report_events, {
-            let st_store = st_store.clone();
-            move |_nr: NodeReport| all_of(&st_store)
-        })
-        .watches_stream(node_events, move |_node: PartialObjectMeta<Node>| {
-            all_of(&st_store)
-        })
+    let selftests = Controller::new(Api::<SelfTest>::all(client.clone()), watcher::Config::default())
+        .reconcile_all_on(throttled(st_rx))
         .run(reconcile_selftest, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let profiles = Controller::new(Api::<RuntimeProfile>::all(client), watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().debounce(STATUS_DEBOUNCE))
         .owns_stream(rc_events)
-        .reconcile_all_on(futures::stream::select(report_rx, node_rx))
+        .reconcile_all_on(throttled(rp_rx))
         .run(reconcile_profile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    futures::join!(selftests, profiles);
+    let reflectors = futures::future::join(
+        report_events.for_each(|_| futures::future::ready(())),
+        node_events.for_each(|_| futures::future::ready(())),
+    );
+    futures::join!(selftests, profiles, reflectors);
 }
 
-/// Every SelfTest, to re-queue: the queue de-duplicates and debounces.
-fn all_of(store: &reflector::Store<SelfTest>) -> Vec<ObjectRef<SelfTest>> {
-    store
-        .state()
-        .iter()
-        .map(|st| ObjectRef::from_obj(st.as_ref()))
-        .collect()
+/// Latches once the first complete list has gone by.
+fn mark_listed<K>(ev: &Result<watcher::Event<K>, watcher::Error>, listed: &AtomicBool) {
+    if matches!(ev, Ok(watcher::Event::InitDone)) {
+        listed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// At most one trigger per [`STATUS_DEBOUNCE`]: the first of a burst waits out the period
+/// while the rest fold into the one queued slot. A new SelfTest generation makes every node
+/// report within the same minute; this turns that into a few status writes instead of one
+/// per NodeReport. Not the controller's `debounce`, which restarts its window on every
+/// trigger: under the steady stream of a large cluster (5,000 nodes, several NodeReport
+/// writes per second) it would never fire.
+fn throttled(rx: futures::channel::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {
+    rx.then(|()| tokio::time::sleep(STATUS_DEBOUNCE))
 }
 
 #[cfg(test)]
@@ -147,6 +160,25 @@ mod tests {
         v["kind"] = json!(kind);
         v["metadata"]["resourceVersion"] = json!("101");
         v
+    }
+
+    /// NodeReports changing every half second for 10 s (a large cluster's steady state)
+    /// still re-aggregate every STATUS_DEBOUNCE, not never, and not on every change.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_of_changes_still_reaggregates_every_period() {
+        let (mut tx, rx) = futures::channel::mpsc::channel::<()>(1);
+        let feeder = tokio::spawn(async move {
+            loop {
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let fired = throttled(rx)
+            .take_until(tokio::time::sleep(Duration::from_secs(10)))
+            .count()
+            .await;
+        feeder.abort();
+        assert!((4..=5).contains(&fired), "{fired} re-aggregations in 10 s");
     }
 
     /// The controllers as `run` wires them, for a simulated hour: a NodeReport arriving by

@@ -224,7 +224,6 @@ def test_rbac(h: str, tag: str):
         (["usernsguard.io"], ["selftests", "runtimeprofiles"], ["get", "list", "watch", "patch", "update"]),
         (["usernsguard.io"], ["selftests/status", "runtimeprofiles/status"], ["patch", "update"]),
         (["usernsguard.io"], ["runtimeprofiles"], ["delete"]),
-        (["usernsguard.io"], ["runtimeprofiles/finalizers"], ["update"]),
         (["usernsguard.io"], ["nodereports"], ["get", "list", "watch"]),
         ([""], ["nodes"], ["get", "list", "watch"]),
         ([""], ["events"], ["create", "patch"]),

@@ -58,9 +58,81 @@ pub fn desired_runtime_class(p: &RuntimeProfile) -> Option<RuntimeClass> {
 pub fn differs(desired: &RuntimeClass, current: Option<&RuntimeClass>) -> bool {
     let Some(current) = current else { return true };
     desired.handler != current.handler
-        || desired.overhead != current.overhead
+        || !same_overhead(desired.overhead.as_ref(), current.overhead.as_ref())
         || desired.scheduling != current.scheduling
         || desired.metadata.owner_references != current.metadata.owner_references
+}
+
+/// The API server stores quantities in canonical form ("0.5" comes back as "500m", "1024Mi"
+/// as "1Gi"), so the profile's spelling is compared by value, or every reconcile would
+/// rewrite the RuntimeClass.
+fn same_overhead(desired: Option<&Overhead>, current: Option<&Overhead>) -> bool {
+    let fixed = |o: Option<&Overhead>| o.and_then(|o| o.pod_fixed.clone()).unwrap_or_default();
+    let (desired, current) = (fixed(desired), fixed(current));
+    desired.len() == current.len()
+        && desired.iter().all(|(k, q)| {
+            current.get(k).is_some_and(|c| {
+                c.0 == q.0 || matches!((quantity(&c.0), quantity(&q.0)), (Some(a), Some(b)) if a == b)
+            })
+        })
+}
+
+/// A Kubernetes quantity's value in nano-units (`1` → 10^9), exact for what a RuntimeClass
+/// overhead holds; `None` for a form it does not parse.
+fn quantity(s: &str) -> Option<i128> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if frac.len() > 9 || (int.is_empty() && frac.is_empty()) {
+        return None;
+    }
+    let int: i128 = if int.is_empty() || int == "+" || int == "-" {
+        0
+    } else {
+        int.parse().ok()?
+    };
+    let frac_nanos: i128 = format!("{frac:0<9}").parse().ok()?;
+    let nanos = int * 1_000_000_000
+        + if number.starts_with('-') {
+            -frac_nanos
+        } else {
+            frac_nanos
+        };
+    let (mul, div): (i128, i128) = match suffix {
+        "" => (1, 1),
+        "n" => (1, 1_000_000_000),
+        "u" => (1, 1_000_000),
+        "m" => (1, 1_000),
+        "k" => (1_000, 1),
+        "M" => (1_000_000, 1),
+        "G" => (1_000_000_000, 1),
+        "T" => (1_000_000_000_000, 1),
+        "P" => (1_000_000_000_000_000, 1),
+        "E" => (1_000_000_000_000_000_000, 1),
+        "Ki" => (1 << 10, 1),
+        "Mi" => (1 << 20, 1),
+        "Gi" => (1 << 30, 1),
+        "Ti" => (1 << 40, 1),
+        "Pi" => (1 << 50, 1),
+        "Ei" => (1 << 60, 1),
+        _ => return None,
+    };
+    Some(nanos.checked_mul(mul)? / div)
+}
+
+/// `None` when the profile with `uid` owns `current`; otherwise who does, in words (one
+/// created by hand has no owner at all).
+pub fn owner_other_than(current: &RuntimeClass, uid: &str) -> Option<String> {
+    let owners = current.owner_references();
+    if owners.iter().any(|o| o.uid == uid) {
+        return None;
+    }
+    Some(match owners.first() {
+        Some(o) => format!("{} {}", o.kind, o.name),
+        None => "no RuntimeProfile (created outside usernsguard)".into(),
+    })
 }
 
 /// Server-side apply of the profile's RuntimeClass (forced: the controller owns these
@@ -138,6 +210,47 @@ mod tests {
         assert!(
             differs(&desired, Some(&current)),
             "someone removed the node selector"
+        );
+    }
+
+    /// The API server's canonical form of the profile's overhead is the same overhead; a
+    /// different value or resource is not.
+    #[test]
+    fn overhead_is_compared_by_value_as_the_api_server_rewrites_it() {
+        let mut p = RuntimeProfile::test();
+        p.spec.runtime_class.overhead = [
+            ("cpu".to_owned(), "0.5".to_owned()),
+            ("memory".to_owned(), "1024Mi".to_owned()),
+        ]
+        .into();
+        let desired = desired_runtime_class(&p).unwrap();
+        let with = |cpu: &str, memory: &str| {
+            let mut rc = desired.clone();
+            rc.overhead = Some(Overhead {
+                pod_fixed: Some(
+                    [
+                        ("cpu".to_owned(), Quantity(cpu.into())),
+                        ("memory".to_owned(), Quantity(memory.into())),
+                    ]
+                    .into(),
+                ),
+            });
+            rc
+        };
+        assert!(!differs(&desired, Some(&with("500m", "1Gi"))));
+        assert!(!differs(&desired, Some(&with("0.5", "1024Mi"))));
+        assert!(differs(&desired, Some(&with("400m", "1Gi"))));
+        assert!(differs(&desired, Some(&with("500m", "1G"))), "1G is not 1Gi");
+        let mut fewer = desired.clone();
+        fewer.overhead = None;
+        assert!(differs(&desired, Some(&fewer)));
+        assert_eq!(quantity("1.5k"), quantity("1500"));
+        assert_eq!(quantity("100m"), quantity("0.1"));
+        assert_eq!(quantity("2Ki"), quantity("2048"));
+        assert_eq!(
+            quantity("1e3"),
+            None,
+            "exponents are not parsed: compared as written"
         );
     }
 }

@@ -70,28 +70,57 @@ pub async fn reconcile_profile(p: Arc<RuntimeProfile>, ctx: Arc<Context>) -> Res
     }
 
     let recorded = p.status.as_ref().and_then(|s| s.runtime_class_name.clone());
+    let uid = p.uid().unwrap_or_default();
+    let mut conflict = None;
     let runtime_class_name = match runtime_class::desired_runtime_class(&p) {
         Some(rc) => {
             let rc_name = rc.metadata.name.clone().unwrap_or_default();
             let current = ctx.runtime_classes.get(&ObjectRef::new(&rc_name));
-            if runtime_class::differs(&rc, current.as_deref()) {
-                runtime_class::apply(&ctx, &rc).await?;
+            match current
+                .as_deref()
+                .map(|c| runtime_class::owner_other_than(c, &uid))
+            {
+                // Someone else's (an operator's, or another profile's with the same name):
+                // taking it over would flip it between owners on every reconcile.
+                Some(Some(owner)) => {
+                    conflict = Some(format!(
+                        "RuntimeClass {rc_name} exists and belongs to {owner}; set runtimeClass.name"
+                    ));
+                    None
+                }
+                _ => {
+                    if runtime_class::differs(&rc, current.as_deref()) {
+                        runtime_class::apply(&ctx, &rc).await?;
+                    }
+                    Some(rc_name)
+                }
             }
-            Some(rc_name)
         }
         None => None,
     };
     if let Some(old) = recorded.filter(|old| Some(old) != runtime_class_name.as_ref()) {
-        runtime_class::delete_owned(&ctx, &old, p.uid().as_deref().unwrap_or_default()).await?;
+        runtime_class::delete_owned(&ctx, &old, &uid).await?;
     }
 
-    let desired = desired_status(
-        &p,
-        &reports,
-        &ctx.nodes.state(),
-        runtime_class_name,
-        Timestamp::now(),
-    );
+    let now = Timestamp::now();
+    let mut desired = desired_status(&p, &reports, &ctx.nodes.state(), runtime_class_name, now);
+    if let Some(message) = conflict {
+        tracing::warn!(profile = %name, %message, "RuntimeClass not applied");
+        let old = p
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+        let generation = p.meta().generation.unwrap_or(0);
+        let degraded = ("True", "RuntimeClassConflict", message);
+        if let Some(c) = desired
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == CONDITION_DEGRADED)
+        {
+            *c = condition(old, CONDITION_DEGRADED, degraded, generation, now);
+        }
+    }
     write_status(&ctx, &name, p.status.as_ref(), desired).await?;
     Ok(Action::await_change())
 }
@@ -111,15 +140,7 @@ pub fn desired_status(
     let deleting = p.meta().deletion_timestamp.is_some();
     let entries: BTreeMap<String, &RuntimeInstallStatus> = reports
         .iter()
-        .filter_map(|nr| {
-            let entry = nr
-                .status
-                .as_ref()?
-                .installs
-                .iter()
-                .find(|i| i.runtime_profile == name)?;
-            Some((nr.name_any(), entry))
-        })
+        .filter_map(|nr| Some((nr.name_any(), nr.install_of(&name)?)))
         .collect();
     // Deleting: the nodes still holding an install. Otherwise: the selected nodes (a node
     // that is no longer selected and still has an entry is being uninstalled; it is not
@@ -236,11 +257,7 @@ pub fn holders(p: &RuntimeProfile, reports: &[Arc<NodeReport>]) -> Vec<String> {
     let name = p.name_any();
     reports
         .iter()
-        .filter(|nr| {
-            nr.status
-                .as_ref()
-                .is_some_and(|s| s.installs.iter().any(|i| i.runtime_profile == name))
-        })
+        .filter(|nr| nr.install_of(&name).is_some())
         .map(|nr| nr.name_any())
         .collect()
 }

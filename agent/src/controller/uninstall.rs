@@ -8,6 +8,8 @@
 //! or not a controller replica holds the leader Lease at that moment. It polls: a one-shot
 //! job of a few minutes, where a list every few seconds costs less than a set of watches.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{DeleteParams, ListParams};
@@ -27,17 +29,47 @@ pub struct Remaining {
     pub nodes: Vec<String>,
 }
 
-/// Deletes every RuntimeProfile and waits up to `timeout` for them to be gone. Returns what
-/// is left (empty: everything was uninstalled).
+/// Deletes every RuntimeProfile and waits up to `timeout` until no profile is left and no
+/// NodeReport holds an install (a profile deleted without our finalizer, because no
+/// controller had added it yet, is gone at once while its nodes still uninstall). Returns
+/// what is left (empty: everything was uninstalled). A failed request is logged and tried
+/// again at the next poll: a conflict with the controller releasing the same finalizer, or
+/// an API server restart, must not fail `helm uninstall`.
 pub async fn uninstall_all(
     client: &Client,
     timeout: Duration,
     poll: Duration,
 ) -> Result<Vec<Remaining>, ControllerError> {
     let deadline = Instant::now() + timeout;
+    let mut last = Vec::new();
+    loop {
+        match poll_once(client).await {
+            Ok(remaining) if remaining.is_empty() => {
+                tracing::info!("every RuntimeProfile is uninstalled and gone");
+                return Ok(Vec::new());
+            }
+            Ok(remaining) => {
+                for r in &remaining {
+                    tracing::info!(profile = %r.profile, nodes = ?r.nodes, "waiting for nodes to uninstall");
+                }
+                last = remaining;
+            }
+            Err(e) => tracing::warn!(error = %e, "uninstall-all: request failed; trying again"),
+        }
+        if Instant::now() + poll > deadline {
+            return Ok(last);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// One round: delete the profiles not yet deleting, release those no node holds, and say
+/// which nodes still hold an install of which profile (deleted ones included).
+async fn poll_once(client: &Client) -> Result<Vec<Remaining>, ControllerError> {
     let profiles: Api<RuntimeProfile> = Api::all(client.clone());
     let reports: Api<NodeReport> = Api::all(client.clone());
-    for p in profiles.list(&ListParams::default()).await? {
+    let left = profiles.list(&ListParams::default()).await?.items;
+    for p in &left {
         if p.metadata.deletion_timestamp.is_none() {
             tracing::info!(profile = %p.name_any(), "deleting RuntimeProfile");
             match profiles.delete(&p.name_any(), &DeleteParams::default()).await {
@@ -47,51 +79,39 @@ pub async fn uninstall_all(
             }
         }
     }
-    loop {
-        let left = profiles.list(&ListParams::default()).await?.items;
-        if left.is_empty() {
-            tracing::info!("every RuntimeProfile is uninstalled and gone");
-            return Ok(Vec::new());
+    let nrs: Vec<Arc<NodeReport>> = reports
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let mut held: BTreeSet<String> = nrs
+        .iter()
+        .filter_map(|nr| nr.status.as_ref())
+        .flat_map(|s| s.installs.iter().map(|i| i.runtime_profile.clone()))
+        .collect();
+    for p in &left {
+        // The listed object predates our delete: released once no node holds it either way.
+        if release_if_uninstalled(client, p, &nrs).await? {
+            held.remove(&p.name_any());
         }
-        let nrs: Vec<std::sync::Arc<NodeReport>> = reports
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect();
-        let mut remaining = Vec::new();
-        for p in &left {
-            if release_if_uninstalled(client, p, &nrs).await? {
-                continue;
-            }
-            remaining.push(Remaining {
-                profile: p.name_any(),
-                nodes: holding(p, &nrs),
-            });
-        }
-        for r in &remaining {
-            tracing::info!(profile = %r.profile, nodes = ?r.nodes, "waiting for nodes to uninstall");
-        }
-        if Instant::now() + poll > deadline {
-            return Ok(remaining);
-        }
-        tokio::time::sleep(poll).await;
     }
+    Ok(held
+        .into_iter()
+        .map(|profile| Remaining {
+            nodes: holding(&profile, &nrs),
+            profile,
+        })
+        .collect())
 }
 
-/// The nodes holding an install of `p`, with the state their agent reports.
-fn holding(p: &RuntimeProfile, reports: &[std::sync::Arc<NodeReport>]) -> Vec<String> {
-    let name = p.name_any();
+/// The nodes holding an install of `profile`, with the state their agent reports.
+fn holding(profile: &str, reports: &[Arc<NodeReport>]) -> Vec<String> {
     reports
         .iter()
         .filter_map(|nr| {
-            let e = nr
-                .status
-                .as_ref()?
-                .installs
-                .iter()
-                .find(|i| i.runtime_profile == name)?;
+            let e = nr.install_of(profile)?;
             let state = match (e.state, &e.reason) {
                 (InstallState::Installed, _) => "waiting for its agent".to_owned(),
                 (s, Some(r)) => format!("{} ({r})", s.as_str()),
@@ -162,8 +182,7 @@ mod tests {
     }
 
     /// `crun` is deleted by the job (`runc` already was); `runc` has no node left and is
-    /// released at once; `crun` waits for n1's agent, then is released; the next list is
-    /// empty: done.
+    /// released at once; `crun` waits for n1's agent, then is released: done.
     #[tokio::test]
     async fn deletes_every_profile_and_releases_each_once_its_nodes_are_done() {
         let (client, mut server) = mock_client();
@@ -188,16 +207,6 @@ mod tests {
             Some("application/json"),
         );
         seen.reply(StatusCode::OK, &profile("crun", true));
-
-        expect_list(
-            &mut server,
-            PROFILES,
-            list(
-                "RuntimeProfileList",
-                vec![profile("crun", true), profile("runc", true)],
-            ),
-        )
-        .await;
         expect_list(
             &mut server,
             REPORTS,
@@ -217,9 +226,41 @@ mod tests {
         .await;
         expect_list(&mut server, REPORTS, list("NodeReportList", vec![])).await;
         expect_release(&mut server, "crun").await;
-
-        expect_list(&mut server, PROFILES, list("RuntimeProfileList", vec![])).await;
         assert_eq!(task.await.unwrap(), vec![]);
+        server.assert_quiet(Duration::from_millis(50)).await;
+    }
+
+    /// `crun` was deleted before any controller added the finalizer: the profile is gone at
+    /// once, but n1 still holds its install, so the job waits for it; a failed list (the
+    /// API server restarting) is tried again, not fatal.
+    #[tokio::test]
+    async fn waits_for_installs_of_profiles_already_gone_and_survives_a_failed_list() {
+        let (client, mut server) = mock_client();
+        let task = tokio::spawn(async move {
+            uninstall_all(&client, Duration::from_secs(600), Duration::from_millis(10))
+                .await
+                .unwrap()
+        });
+        expect_list(&mut server, PROFILES, list("RuntimeProfileList", vec![])).await;
+        expect_list(
+            &mut server,
+            REPORTS,
+            list(
+                "NodeReportList",
+                vec![report("n1", "crun", InstallState::Installed, None)],
+            ),
+        )
+        .await;
+        let seen = server.next().await;
+        seen.expect(Method::GET, &format!("{PROFILES}?"), None);
+        seen.fail(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+        expect_list(&mut server, PROFILES, list("RuntimeProfileList", vec![])).await;
+        let mut done = serde_json::to_value(NodeReport::test("n1", &[])).unwrap();
+        done["apiVersion"] = json!("usernsguard.io/v1alpha1");
+        done["kind"] = json!("NodeReport");
+        expect_list(&mut server, REPORTS, list("NodeReportList", vec![done])).await;
+        assert_eq!(task.await.unwrap(), vec![]);
+        server.assert_quiet(Duration::from_millis(50)).await;
     }
 
     /// n1's uninstall keeps failing: when the time is up, the profile and the node's state
@@ -233,12 +274,6 @@ mod tests {
                 .await
                 .unwrap()
         });
-        expect_list(
-            &mut server,
-            PROFILES,
-            list("RuntimeProfileList", vec![profile("crun", true)]),
-        )
-        .await;
         for _ in 0..2 {
             expect_list(
                 &mut server,

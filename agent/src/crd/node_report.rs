@@ -181,3 +181,14 @@ pub struct RuntimeInstallStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
 }
+
+impl NodeReport {
+    /// This node's entry for the RuntimeProfile `profile`, if its agent holds an install of it.
+    pub fn install_of(&self, profile: &str) -> Option<&RuntimeInstallStatus> {
+        self.status
+            .as_ref()?
+            .installs
+            .iter()
+            .find(|i| i.runtime_profile == profile)
+    }
+}

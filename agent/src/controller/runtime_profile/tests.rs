@@ -317,3 +317,37 @@ async fn switching_create_off_deletes_only_the_runtime_class_the_profile_owns() 
         finish(scenario, Duration::from_secs(1)).await;
     }
 }
+
+/// Another profile (or an operator) already has a RuntimeClass of the name this profile
+/// wants: it is not taken over (no apply), the status names no RuntimeClass and Degraded
+/// says whose it is.
+#[tokio::test]
+async fn a_runtime_class_owned_by_someone_else_is_left_alone_and_reported() {
+    let (ctx, mut server) = context(vec![], vec![]);
+    let mut theirs =
+        runtime_class::desired_runtime_class(&RuntimeProfile::test().named("crun-b", "crun")).unwrap();
+    theirs.metadata.name = Some("crun".into());
+    let ctx = Arc::new(Context {
+        runtime_classes: store(vec![theirs]),
+        ..(*ctx).clone()
+    });
+    let mut p = RuntimeProfile::test();
+    p.metadata.finalizers = Some(vec![UNINSTALL_FINALIZER.into()]);
+    let p2 = p.clone();
+    let scenario = tokio::spawn(async move {
+        let seen = server.next().await;
+        seen.expect(Method::PATCH, STATUS, APPLY);
+        assert_eq!(seen.body["status"].get("runtimeClassName"), None::<&Value>);
+        let degraded = &seen.body["status"]["conditions"][1];
+        assert_eq!(degraded["type"], "Degraded");
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "RuntimeClassConflict");
+        assert_eq!(
+            degraded["message"],
+            "RuntimeClass crun exists and belongs to RuntimeProfile crun-b; set runtimeClass.name"
+        );
+        echo_profile(seen, &p2);
+    });
+    reconcile_profile(Arc::new(p), ctx).await.unwrap();
+    finish(scenario, Duration::from_secs(1)).await;
+}
