@@ -115,6 +115,7 @@ impl<'a> Installer<'a> {
     /// Installs: plans, and applies the plan unless the host is already as asked (then it
     /// touches no file and restarts nothing).
     pub fn install(&mut self, req: &InstallRequest) -> Result<Outcome, InstallError> {
+        let _lock = self.lock(&req.cri_config)?;
         let plan = self.plan_install(req)?;
         if plan.is_noop() {
             self.tidy(&req.handler, plan.manifest_before.is_some());
@@ -131,6 +132,7 @@ impl<'a> Installer<'a> {
 
     /// Uninstalls what [`Installer::install`] did for the handler.
     pub fn uninstall(&mut self, req: &UninstallRequest) -> Result<Outcome, InstallError> {
+        let _lock = self.lock(&req.cri_config)?;
         let plan = self.plan_uninstall(req)?;
         if plan.is_noop() {
             self.tidy(&req.handler, plan.manifest_before.is_some());
@@ -143,6 +145,30 @@ impl<'a> Installer<'a> {
             plan
         };
         self.apply(plan, recovered == Some(true))
+    }
+
+    /// One run at a time per CRI config: `usernsguard install` by hand while the agent
+    /// reconciles, or two agent pods overlapping in a rollout, would otherwise both plan
+    /// against the same file and the later write would drop the earlier one's change. The
+    /// lock is on the config's directory, from plan to the end of the restart and rollback.
+    fn lock(&self, cri_config: &Path) -> Result<Option<std::fs::File>, InstallError> {
+        let dir = cri_config.parent().unwrap_or(Path::new("/"));
+        if !self.fs.local(dir).is_dir() {
+            // Nothing to lock: the plan names the missing config.
+            return Ok(None);
+        }
+        let waited = self.timeouts.lock;
+        match self.fs.lock_dir(dir, waited) {
+            Ok(Some(f)) => Ok(Some(f)),
+            Ok(None) => Err(InstallError::Busy {
+                dir: dir.to_path_buf(),
+                waited,
+            }),
+            Err(source) => Err(InstallError::ConfigRead {
+                path: dir.to_path_buf(),
+                source,
+            }),
+        }
     }
 
     /// Carries out a plan made by this installer.

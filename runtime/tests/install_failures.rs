@@ -331,3 +331,43 @@ fn a_failure_at_any_step_leaves_the_host_as_it_was() {
     );
     assert!(rolled_back > 10);
 }
+
+/// Another run holds the config directory (here: this test, as the CLI would while the
+/// agent reconciles): the install waits, then says so and changes nothing; once it is
+/// free the same install goes through.
+#[test]
+fn a_run_waits_for_another_on_the_same_config_and_gives_up_without_changing_anything() {
+    require_root();
+    let h = fixture_host("containerd-1.6-default");
+    let src = tempfile::tempdir().unwrap();
+    let req = request(BinarySource::Local(tiny(src.path())));
+    let before = snapshot(h.path());
+    let held = std::fs::File::open(h.path().join("etc/containerd")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) },
+        0
+    );
+    let timeouts = Timeouts {
+        lock: Duration::from_millis(300),
+        ..Timeouts::default()
+    };
+    let err = Installer::new(HostRoot::at(h.path()).unwrap())
+        .with_timeouts(timeouts)
+        .install(&req)
+        .unwrap_err();
+    assert!(matches!(err, InstallError::Busy { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::BadInput);
+    assert_eq!(err.label(), "busy");
+    assert!(
+        err.to_string()
+            .contains("another usernsguard install or uninstall is changing /etc/containerd"),
+        "{err}"
+    );
+    assert_eq!(differences(&before, &snapshot(h.path())), Vec::<String>::new());
+    drop(held);
+    Installer::new(HostRoot::at(h.path()).unwrap())
+        .with_timeouts(timeouts)
+        .install(&req)
+        .unwrap();
+}

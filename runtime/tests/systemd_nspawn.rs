@@ -307,6 +307,7 @@ fn install_child(verb: &str) -> Json {
             restart: Duration::from_secs(120),
             cri: Duration::from_secs(30),
             version: Duration::from_secs(10),
+            ..Timeouts::default()
         });
     let result = match verb {
         "install" => installer.install(&InstallRequest {

@@ -38,6 +38,8 @@ pub struct Timeouts {
     pub cri: Duration,
     /// The binary's `--version`.
     pub version: Duration,
+    /// Waiting for another run on the same CRI config to finish (see `Installer::lock`).
+    pub lock: Duration,
 }
 
 impl Default for Timeouts {
@@ -46,6 +48,7 @@ impl Default for Timeouts {
             restart: Duration::from_secs(300),
             cri: Duration::from_secs(60),
             version: Duration::from_secs(10),
+            lock: Duration::from_secs(120),
         }
     }
 }

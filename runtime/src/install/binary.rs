@@ -314,20 +314,65 @@ pub fn elf_interpreter(path: &Path) -> Option<PathBuf> {
     if b.get(..5)? != b"\x7fELF\x02" || *b.get(5)? != 1 {
         return None;
     }
-    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    // Offsets come from the file: every sum is checked, so a crafted header is "not an
+    // ELF we understand" rather than an overflow.
+    let bytes = |o: usize, n: usize| b.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes(o, 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes(o, 8)?.try_into().ok()?));
     let phoff = usize::try_from(u64_at(0x20)?).ok()?;
     let phentsize = usize::from(u16_at(0x36)?);
     let phnum = usize::from(u16_at(0x38)?);
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        if u32::from_le_bytes(b.get(ph..ph + 4)?.try_into().ok()?) == 3 {
-            let off = usize::try_from(u64_at(ph + 8)?).ok()?;
-            let len = usize::try_from(u64_at(ph + 0x20)?).ok()?;
-            let s = b.get(off..off + len)?;
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        if u32::from_le_bytes(bytes(ph, 4)?.try_into().ok()?) == 3 {
+            let off = usize::try_from(u64_at(ph.checked_add(8)?)?).ok()?;
+            let len = usize::try_from(u64_at(ph.checked_add(0x20)?)?).ok()?;
+            let s = bytes(off, len)?;
             let s = s.split(|&c| c == 0).next()?;
             return Some(PathBuf::from(String::from_utf8_lossy(s).into_owned()));
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-bit little-endian ELF header with one program header table entry at `phoff`.
+    fn header(phoff: u64, phnum: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[0x20..0x28].copy_from_slice(&phoff.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&phnum.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn the_interpreter_is_read_and_crafted_offsets_are_not_an_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        // PT_INTERP at 64, pointing at the string after it.
+        let mut b = header(64, 1);
+        let mut ph = vec![0u8; 56];
+        ph[..4].copy_from_slice(&3u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+        ph[0x20..0x28].copy_from_slice(&28u64.to_le_bytes());
+        b.extend(ph);
+        b.extend(b"/lib64/ld-linux-x86-64.so.2\0");
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(
+            elf_interpreter(&path),
+            Some(PathBuf::from("/lib64/ld-linux-x86-64.so.2"))
+        );
+        for crafted in [header(u64::MAX - 4, 1), header(64, u16::MAX)] {
+            std::fs::write(&path, crafted).unwrap();
+            assert_eq!(elf_interpreter(&path), None);
+        }
+        let mut huge_len = b.clone();
+        huge_len[64 + 0x20..64 + 0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, huge_len).unwrap();
+        assert_eq!(elf_interpreter(&path), None);
+    }
 }

@@ -104,6 +104,12 @@ pub enum InstallError {
     NoServiceManager,
     #[error("{path} changed while the install was being planned; nothing was changed, run it again")]
     ConcurrentChange { path: PathBuf },
+    /// Another run (the CLI, or the agent of an overlapping pod) holds the config directory.
+    #[error("another usernsguard install or uninstall is changing {dir} (waited {waited:?}); nothing was changed, run it again")]
+    Busy {
+        dir: PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("{0}")]
     State(String),
     /// The run failed after changing the host, and every change was undone.
@@ -159,6 +165,7 @@ impl InstallError {
             | InstallError::Systemd { .. }
             | InstallError::NoServiceManager => "service_manager",
             InstallError::ConcurrentChange { .. } => "concurrent_change",
+            InstallError::Busy { .. } => "busy",
             InstallError::State(_) => "state_unreadable",
             InstallError::RolledBack { cause, .. } | InstallError::RollbackFailed { cause, .. } => {
                 match cause {

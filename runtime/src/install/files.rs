@@ -169,6 +169,30 @@ impl<'a> HostFs<'a> {
         })
     }
 
+    /// An exclusive `flock` on the host directory `dir`, held until the returned file is
+    /// dropped; `Ok(None)` when another process still holds it after `wait`. A directory, not
+    /// a file: the config files in it are replaced by rename (a lock on one would stay with
+    /// the old inode), and locking leaves nothing behind on the host.
+    pub fn lock_dir(&self, dir: &Path, wait: std::time::Duration) -> io::Result<Option<File>> {
+        use std::os::fd::AsRawFd;
+        let f = File::open(self.local(dir))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(f));
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Creates `dir` and its missing parents, outermost first, adding each one made to
     /// `created` as soon as it exists (so a failure half-way still says what to remove).
     pub fn make_dirs(&mut self, dir: &Path, created: &mut Vec<PathBuf>) -> io::Result<()> {
