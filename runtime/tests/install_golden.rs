@@ -267,3 +267,54 @@ fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
     assert!(text.starts_with("version = 2\n# site settings\n"), "{text}");
     assert_eq!(runtimes(), Vec::<String>::new(), "{text}");
 }
+
+/// A saved original that no longer matches its recorded hash is never written back: the
+/// uninstall takes out only usernsguard's part and says why.
+#[test]
+fn a_damaged_saved_original_is_not_restored() {
+    require_root();
+    let src_dir = tempfile::tempdir().unwrap();
+    let binary = src_dir.path().join("runc");
+    write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
+    let host_dir = tempfile::tempdir().unwrap();
+    let config = host_dir.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(host_dir.path().join("proc")).unwrap();
+    std::fs::write(&config, "version = 2\n").unwrap();
+    let host = HostRoot::at(host_dir.path()).unwrap();
+    Installer::new(host.clone())
+        .install(&InstallRequest {
+            handler: "h1".into(),
+            binary: BinarySource::Local(binary.clone()),
+            install_path: None,
+            sha256: None,
+            cri_config: "/etc/containerd/config.toml".into(),
+            restart: RestartMode::None,
+            cri_socket: None,
+        })
+        .unwrap();
+    let original = host_dir.path().join("var/lib/usernsguard/install/h1/original");
+    for copy in std::fs::read_dir(&original).unwrap().flatten() {
+        std::fs::write(copy.path(), "version = 2\n[plugins.damaged]\n").unwrap();
+    }
+    let plan = Installer::new(host.clone())
+        .plan_uninstall(&UninstallRequest {
+            handler: "h1".into(),
+            cri_config: "/etc/containerd/config.toml".into(),
+            restart: RestartMode::None,
+            cri_socket: None,
+        })
+        .unwrap();
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.contains("the saved original of /etc/containerd/config.toml is damaged")),
+        "{:?}",
+        plan.notes
+    );
+    let after = String::from_utf8(plan.files[0].after.clone().unwrap()).unwrap();
+    assert!(
+        !after.contains("damaged") && !after.contains("runtimes.h1"),
+        "{after}"
+    );
+}

@@ -439,16 +439,34 @@ pub fn plan_uninstall(
             notes.push(format!("{} is gone already; left as it is", rec.path.display()));
             continue;
         };
-        let after = if sha256_hex(&current) == rec.written_sha256 {
+        // The saved original, when the file is still as the install left it and the copy is
+        // intact (a damaged copy is never restored: the surgical undo below serves then).
+        let whole = if sha256_hex(&current) == rec.written_sha256 {
             match &rec.original {
-                super::manifest::Original::Absent => None,
-                super::manifest::Original::Saved { backup: name, .. } => Some(backup(name)?),
+                super::manifest::Original::Absent => Some(None),
+                super::manifest::Original::Saved { backup: name, sha256 } => {
+                    let bytes = backup(name)?;
+                    if sha256_hex(&bytes) == *sha256 {
+                        Some(Some(bytes))
+                    } else {
+                        notes.push(format!(
+                            "the saved original of {} is damaged; only usernsguard's part is taken out",
+                            rec.path.display()
+                        ));
+                        None
+                    }
+                }
             }
         } else {
             notes.push(format!(
                 "{} was changed after the install; only usernsguard's part is taken out",
                 rec.path.display()
             ));
+            None
+        };
+        let after = if let Some(whole) = whole {
+            whole
+        } else {
             let text = String::from_utf8(current.clone()).map_err(|_| {
                 InstallError::Edit(EditError::Parse {
                     path: rec.path.clone(),
