@@ -127,11 +127,7 @@ fn fail(cmd: &str, e: &InstallError) -> ExitCode {
             eprintln!("usernsguard {cmd}: {e}\nnothing was changed");
             ExitCode::from(2)
         }
-        ErrorClass::RolledBack => {
-            eprintln!("usernsguard {cmd}: failed: {e}");
-            ExitCode::from(1)
-        }
-        ErrorClass::RollbackFailed => {
+        ErrorClass::RolledBack | ErrorClass::RollbackFailed => {
             eprintln!("usernsguard {cmd}: failed: {e}");
             ExitCode::from(1)
         }

@@ -27,6 +27,7 @@ use ureq::http::{StatusCode, Uri};
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
 use crate::host::HostRoot;
+use crate::install::files::{hex, is_sha256_hex, sha256_file};
 
 /// Where distributions keep the system CA bundle, in the order [`Downloader::for_host`]
 /// tries them (host paths).
@@ -309,7 +310,7 @@ impl Downloader {
             url: url.to_string(),
             reason,
         })?;
-        if sha256.len() != 64 || !sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if !is_sha256_hex(sha256) {
             return Err(DownloadError::BadSha256 {
                 url: url.to_string(),
                 sha256: sha256.to_string(),
@@ -535,36 +536,20 @@ fn describe(e: &ureq::Error) -> String {
 }
 
 fn existing_matches(path: &Path, sha256: &str) -> io::Result<bool> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Ok(false),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
-    };
-    if !file.metadata()?.is_file() {
-        return Ok(false);
     }
-    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if hex(hasher.finish().as_ref()) != sha256 {
+    if sha256_file(path)? != sha256 {
         tracing::warn!(path = %path.display(), "downloaded file does not match its name's sha256; downloading again");
         return Ok(false);
     }
-    if file.metadata()?.permissions().mode() & 0o7777 != BINARY_MODE {
-        file.set_permissions(fs::Permissions::from_mode(BINARY_MODE))?;
+    if fs::metadata(path)?.permissions().mode() & 0o7777 != BINARY_MODE {
+        fs::set_permissions(path, fs::Permissions::from_mode(BINARY_MODE))?;
     }
     Ok(true)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse_roots(pem: &[u8]) -> Result<Vec<Certificate<'static>>, String> {

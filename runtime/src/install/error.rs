@@ -140,11 +140,6 @@ impl InstallError {
         }
     }
 
-    /// Nothing on the host was changed (bad input).
-    pub fn changed_nothing(&self) -> bool {
-        self.class() == ErrorClass::BadInput
-    }
-
     /// A short, bounded label for metrics and NodeReport reasons.
     pub fn label(&self) -> &'static str {
         match self {

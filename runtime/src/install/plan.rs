@@ -81,8 +81,6 @@ pub struct Plan {
     pub binary: Option<BinaryPlan>,
     /// The binary to remove (uninstall).
     pub remove_binary: Option<BinaryRemoval>,
-    /// Directories to remove when empty, innermost first (uninstall).
-    pub remove_dirs: Vec<PathBuf>,
     /// The manifest before and after; `after: None` removes it.
     pub manifest_before: Option<Manifest>,
     pub manifest_after: Option<Manifest>,
@@ -188,11 +186,7 @@ fn check_request(handler: &str, paths: &[&Path], sha256: Option<&str>) -> Result
         }
     }
     if let Some(s) = sha256 {
-        if s.len() != 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        {
+        if !super::files::is_sha256_hex(s) {
             return Err(InstallError::BadRequest(format!(
                 "--sha256 {s:?} is not a sha256: 64 lower-case hex digits"
             )));
@@ -304,7 +298,6 @@ pub fn install(fs: &HostFs<'_>, store: &Store, req: &InstallRequest) -> Result<P
         files: config.changes,
         binary: Some(bin),
         remove_binary: None,
-        remove_dirs: Vec::new(),
         manifest_before: committed,
         manifest_after: Some(after),
         restart_needed,
@@ -331,7 +324,6 @@ pub fn uninstall(fs: &HostFs<'_>, store: &Store, req: &UninstallRequest) -> Resu
         files: Vec::new(),
         binary: None,
         remove_binary: None,
-        remove_dirs: Vec::new(),
         manifest_before: committed.clone(),
         manifest_after: None,
         restart_needed: false,
@@ -366,6 +358,5 @@ pub fn uninstall(fs: &HostFs<'_>, store: &Store, req: &UninstallRequest) -> Resu
             plan.remove_binary = Some(BinaryRemoval { path: b.path.clone() });
         }
     }
-    plan.remove_dirs = m.dirs.iter().rev().cloned().collect();
     Ok(plan)
 }
