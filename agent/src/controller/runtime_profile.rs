@@ -69,7 +69,6 @@ pub async fn reconcile_profile(p: Arc<RuntimeProfile>, ctx: Arc<Context>) -> Res
         add_finalizer(&ctx.client, &p).await?;
     }
 
-    let recorded = p.status.as_ref().and_then(|s| s.runtime_class_name.clone());
     let uid = p.uid().unwrap_or_default();
     let mut conflict = None;
     let runtime_class_name = match runtime_class::desired_runtime_class(&p) {
@@ -98,7 +97,17 @@ pub async fn reconcile_profile(p: Arc<RuntimeProfile>, ctx: Arc<Context>) -> Res
         }
         None => None,
     };
-    if let Some(old) = recorded.filter(|old| Some(old) != runtime_class_name.as_ref()) {
+    // Every other RuntimeClass this profile owns is stale (a rename, `create` switched off),
+    // found in the store rather than the status, which a failed write may have left behind.
+    let stale: Vec<String> = ctx
+        .runtime_classes
+        .state()
+        .iter()
+        .filter(|rc| rc.owner_references().iter().any(|o| o.uid == uid))
+        .map(|rc| rc.name_any())
+        .filter(|n| Some(n) != runtime_class_name.as_ref())
+        .collect();
+    for old in stale {
         runtime_class::delete_owned(&ctx, &old, &uid).await?;
     }
 
