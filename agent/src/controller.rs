@@ -2,9 +2,9 @@
 //! the leader Lease ([`leader`]).
 //!
 //! - [`selftest_status`]: SelfTest status aggregated from the NodeReports. A reflector keeps
-//!   the NodeReports in memory, and any NodeReport change re-queues the SelfTests (the
-//!   controller's queue folds a burst of 5,000 reports into one reconcile per SelfTest). No
-//!   periodic list, no periodic requeue.
+//!   the NodeReports in memory, and any NodeReport change re-queues the SelfTests, at most
+//!   once per [`STATUS_DEBOUNCE`] (a burst of 5,000 reports becomes a few reconciles per
+//!   SelfTest). No periodic list, no periodic requeue.
 //! - [`runtime_profile`]: per RuntimeProfile, the uninstall finalizer, its RuntimeClass
 //!   ([`runtime_class`]) and its status from the NodeReports' installs, re-queued the same way.
 //! - [`uninstall`]: `--uninstall-all`, the chart's pre-delete hook (not a reconciler).
