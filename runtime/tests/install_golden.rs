@@ -199,34 +199,12 @@ fn golden_configs_install_reinstall_uninstall() {
 /// stays while the second handler still needs it.
 #[test]
 fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
-    require_root();
-    let src_dir = tempfile::tempdir().unwrap();
-    let binary = src_dir.path().join("runc");
-    write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
-    let host_dir = tempfile::tempdir().unwrap();
-    let config = host_dir.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-    std::fs::create_dir_all(host_dir.path().join("proc")).unwrap();
-    std::fs::write(&config, "version = 2\n# site settings\n").unwrap();
-    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let host = HostRoot::at(host_dir.path()).unwrap();
-    let req = |handler: &str| InstallRequest {
-        handler: handler.into(),
-        binary: BinarySource::Local(binary.clone()),
-        install_path: None,
-        sha256: None,
-        cri_config: "/etc/containerd/config.toml".into(),
-        restart: RestartMode::None,
-        cri_socket: None,
-    };
-    let un = |handler: &str| UninstallRequest {
-        handler: handler.into(),
-        cri_config: "/etc/containerd/config.toml".into(),
-        restart: RestartMode::None,
-        cri_socket: None,
-    };
+    let m = MiniHost::new("version = 2\n# site settings\n");
+    let (host_dir, config, host) = (&m.host_dir, &m.config, &m.host);
+    std::fs::set_permissions(config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (req, un) = (|h: &str| m.install(h), |h: &str| m.uninstall(h));
     let runtimes = || {
-        let text = std::fs::read_to_string(&config).unwrap();
+        let text = std::fs::read_to_string(config).unwrap();
         usernsguard_runtime::install::edit::containerd_runtimes(
             &text,
             Path::new("config.toml"),
@@ -246,8 +224,8 @@ fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
         assert_eq!(mode & 0o777, 0o600, "{}", c.path().display());
     }
     // The operator edits the file; the agent's periodic re-plan finds nothing to do.
-    let edited = std::fs::read_to_string(&config).unwrap() + "\n# operator: keep this\n";
-    std::fs::write(&config, &edited).unwrap();
+    let edited = std::fs::read_to_string(config).unwrap() + "\n# operator: keep this\n";
+    std::fs::write(config, &edited).unwrap();
     assert!(Installer::new(host.clone())
         .plan_install(&req("h1"))
         .unwrap()
@@ -258,11 +236,11 @@ fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
 
     Installer::new(host.clone()).uninstall(&un("h1")).unwrap();
     assert_eq!(runtimes(), ["runc", "h2"], "h2 still relies on the declared runc");
-    assert!(std::fs::read_to_string(&config)
+    assert!(std::fs::read_to_string(config)
         .unwrap()
         .contains("# operator: keep this"));
     Installer::new(host.clone()).uninstall(&un("h2")).unwrap();
-    let text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(config).unwrap();
     assert!(text.contains("# operator: keep this"), "{text}");
     assert!(text.starts_with("version = 2\n# site settings\n"), "{text}");
     assert_eq!(runtimes(), Vec::<String>::new(), "{text}");
@@ -272,38 +250,14 @@ fn later_edits_and_other_handlers_survive_rechecks_and_uninstalls() {
 /// uninstall takes out only usernsguard's part and says why.
 #[test]
 fn a_damaged_saved_original_is_not_restored() {
-    require_root();
-    let src_dir = tempfile::tempdir().unwrap();
-    let binary = src_dir.path().join("runc");
-    write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
-    let host_dir = tempfile::tempdir().unwrap();
-    let config = host_dir.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-    std::fs::create_dir_all(host_dir.path().join("proc")).unwrap();
-    std::fs::write(&config, "version = 2\n").unwrap();
-    let host = HostRoot::at(host_dir.path()).unwrap();
-    Installer::new(host.clone())
-        .install(&InstallRequest {
-            handler: "h1".into(),
-            binary: BinarySource::Local(binary.clone()),
-            install_path: None,
-            sha256: None,
-            cri_config: "/etc/containerd/config.toml".into(),
-            restart: RestartMode::None,
-            cri_socket: None,
-        })
-        .unwrap();
-    let original = host_dir.path().join("var/lib/usernsguard/install/h1/original");
+    let m = MiniHost::new("version = 2\n");
+    Installer::new(m.host.clone()).install(&m.install("h1")).unwrap();
+    let original = m.host_dir.path().join("var/lib/usernsguard/install/h1/original");
     for copy in std::fs::read_dir(&original).unwrap().flatten() {
         std::fs::write(copy.path(), "version = 2\n[plugins.damaged]\n").unwrap();
     }
-    let plan = Installer::new(host.clone())
-        .plan_uninstall(&UninstallRequest {
-            handler: "h1".into(),
-            cri_config: "/etc/containerd/config.toml".into(),
-            restart: RestartMode::None,
-            cri_socket: None,
-        })
+    let plan = Installer::new(m.host.clone())
+        .plan_uninstall(&m.uninstall("h1"))
         .unwrap();
     assert!(
         plan.notes
@@ -317,4 +271,57 @@ fn a_damaged_saved_original_is_not_restored() {
         !after.contains("damaged") && !after.contains("runtimes.h1"),
         "{after}"
     );
+}
+
+/// A host root holding only `/etc/containerd/config.toml` (and `/proc`), and a tiny runc to
+/// install into it with restart mode none.
+struct MiniHost {
+    _src: tempfile::TempDir,
+    binary: PathBuf,
+    host_dir: tempfile::TempDir,
+    config: PathBuf,
+    host: HostRoot,
+}
+
+impl MiniHost {
+    fn new(config_text: &str) -> Self {
+        require_root();
+        let src = tempfile::tempdir().unwrap();
+        let binary = src.path().join("runc");
+        write_exe(&binary, &tiny_elf("runc version 1.4.3 (tiny)"));
+        let host_dir = tempfile::tempdir().unwrap();
+        let config = host_dir.path().join("etc/containerd/config.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(host_dir.path().join("proc")).unwrap();
+        std::fs::write(&config, config_text).unwrap();
+        let host = HostRoot::at(host_dir.path()).unwrap();
+        MiniHost {
+            _src: src,
+            binary,
+            host_dir,
+            config,
+            host,
+        }
+    }
+
+    fn install(&self, handler: &str) -> InstallRequest {
+        InstallRequest {
+            handler: handler.into(),
+            binary: BinarySource::Local(self.binary.clone()),
+            install_path: None,
+            sha256: None,
+            cri_config: "/etc/containerd/config.toml".into(),
+            restart: RestartMode::None,
+            cri_socket: None,
+        }
+    }
+
+    fn uninstall(&self, handler: &str) -> UninstallRequest {
+        UninstallRequest {
+            handler: handler.into(),
+            cri_config: "/etc/containerd/config.toml".into(),
+            restart: RestartMode::None,
+            cri_socket: None,
+        }
+    }
 }
