@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/install-deps.sh selftest
 cargo build --release -q -p usernsguard-agent
-exec target/release/usernsguard selftest "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/usernsguard" selftest "$@"

@@ -12,6 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step() { printf '\n=== %s\n' "$*"; }
+# Where cargo puts its builds (CARGO_TARGET_DIR when set).
+target=${CARGO_TARGET_DIR:-target}
 
 step "system packages"
 scripts/install-deps.sh all
@@ -36,8 +38,8 @@ step "SELinux lane: selftest in an SELinux-enforcing qemu guest (tests/selinux-l
 # `--all-targets` skips this test=false target, so lint it explicitly.
 cargo clippy -q -p usernsguard-agent --test selinux_lane -- -D warnings
 cargo build -q --release -p usernsguard-agent
-bash tests/selinux-lane/run.sh target/release/usernsguard target/selinux-lane/guest.json
-USERNSGUARD_SELINUX_LANE_JSON=target/selinux-lane/guest.json cargo test -p usernsguard-agent --test selinux_lane
+bash tests/selinux-lane/run.sh "$target/release/usernsguard" "$target/selinux-lane/guest.json"
+USERNSGUARD_SELINUX_LANE_JSON="$target/selinux-lane/guest.json" cargo test -p usernsguard-agent --test selinux_lane
 # The lane must fail loudly, never pass vacuously: not enforcing, no SELinux, no init.
 bash tests/selinux-lane/check-guards.sh
 
@@ -45,7 +47,7 @@ step "container image (scripts/image.sh: buildah, static musl usernsguard + pinn
 scripts/image.sh
 
 step "Helm chart: lint, render, validate, schema, admission policy, alerts, dashboard (tests/chart/run.sh)"
-tests/chart/run.sh target/release/usernsguard
+tests/chart/run.sh "$target/release/usernsguard"
 
 step "static builds (musl, glibc crt-static): same selftest verdicts as the dynamic build"
 verdicts() {
@@ -54,7 +56,7 @@ verdicts() {
   [ "$rc" -le 1 ] || { echo "$1 selftest exited $rc" >&2; return 1; }
   jq -c '[.handlers[] | {handler, verdict, checks: [.checks[] | {check, result, reason}]}]' <<<"$out"
 }
-reference=$(verdicts target/release/usernsguard dynamic)
+reference=$(verdicts "$target/release/usernsguard" dynamic)
 for bin in $(scripts/build-static.sh all); do
   got=$(verdicts "$bin" static)
   if [ "$got" != "$reference" ]; then
