@@ -17,8 +17,9 @@
 //! - the install, then the self-test re-run for the handler (returned to the caller).
 //!
 //! Which profiles this node installed survives an agent restart in the NodeReport: the
-//! first sync that sees a profile reads it back once, so a profile that stopped selecting
-//! the node while the agent was down is still uninstalled. The finalizer the controller puts
+//! first sync reads it back (until then the node reconciler writes no report, which would
+//! erase it), so a profile that stopped selecting the node, or was deleted, while the agent
+//! was down is still uninstalled. The finalizer the controller puts
 //! on every profile keeps a deleted profile (and what it says about restarts) readable until
 //! every node has uninstalled it.
 
@@ -604,8 +605,7 @@ impl Installs {
             Acquired::Busy { holders } => Ok(Err(Attempt::pending(
                 "waiting_for_restart_slot",
                 format!(
-                    "waiting to restart the CRI runtime: {} of {max} restart slots are held (nodes: {})",
-                    max,
+                    "waiting to restart the CRI runtime: all {max} restart slots are held (nodes: {})",
                     if holders.is_empty() {
                         "being taken".into()
                     } else {
