@@ -31,8 +31,8 @@ use usernsguard_agent::metrics::Metrics;
 use usernsguard_agent::node::handlers::{HandlerSet, NodeHandlers};
 use usernsguard_agent::node::watch::{self, WatchConfig};
 use usernsguard_agent::testing::{
-    added, modified, ContainerFixture, PodFixture, Reply, Script, ScriptedApiServer, Watched, CNI_MESSAGE,
-    MQUEUE_MESSAGE, START_MQUEUE_MESSAGE,
+    added, modified, status_kib, ContainerFixture, PodFixture, Reply, Script, ScriptedApiServer, Watched,
+    CNI_MESSAGE, MQUEUE_MESSAGE, START_MQUEUE_MESSAGE,
 };
 use usernsguard_runtime::Reason;
 
@@ -345,15 +345,6 @@ fn process_cpu() -> Duration {
     let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
     let t = |tv: nix::sys::time::TimeVal| Duration::new(tv.tv_sec() as u64, tv.tv_usec() as u32 * 1000);
     t(u.user_time()) + t(u.system_time())
-}
-
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -18,7 +18,8 @@ use usernsguard_agent::metrics::Metrics;
 use usernsguard_agent::node::handlers::{HandlerSet, NodeHandlers};
 use usernsguard_agent::node::watch::{self, WatchConfig};
 use usernsguard_agent::testing::{
-    modified, ContainerFixture, PodFixture, Reply, Script, ScriptedApiServer, Watched, START_MQUEUE_MESSAGE,
+    modified, status_kib, ContainerFixture, PodFixture, Reply, Script, ScriptedApiServer, Watched,
+    START_MQUEUE_MESSAGE,
 };
 use usernsguard_runtime::Reason;
 
@@ -26,15 +27,6 @@ const PODS: usize = 250;
 const EVENTS: usize = 10_000;
 const PAGE: usize = 500;
 const UPDATE_ROUNDS: usize = 20;
-
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Pod `i`, its container failing to start: instance `c{attempt}` left a `StartError`.
 fn pod(i: usize, attempt: usize, rv: usize) -> Value {

@@ -20,3 +20,14 @@ pub use scripted::{
     added, deleted, gone, modified, runtime_classes, selectable_fields, FieldSelector, Reply, Script,
     ScriptedApiServer, Watched,
 };
+
+/// A `/proc/self/status` field in KiB (`"VmRSS:"`, `"VmHWM:"`), what the memory
+/// benchmarks report; 0 when the field is missing.
+pub fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
